@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""A recording SMTP sink for the test bench: it stands in for "the internet" or an upstream relay.
+
+Every message it accepts is written as one JSON file (envelope, connection id, peer address,
+TLS, authenticated user, headers) so that tests can ask what arrived, from whom and how.
+
+  mailsink.py serve --port 25 [--cert C --key K] [--auth-file F]
+  mailsink.py dump          print every recorded message as a JSON list
+  mailsink.py clear         forget every recorded message
+"""
+
+import argparse
+import asyncio
+import email
+import itertools
+import json
+import os
+import ssl
+import sys
+import time
+from pathlib import Path
+
+SPOOL = Path(os.environ.get("MAILSINK_SPOOL", "/var/lib/mailsink"))
+
+
+def serve(args: argparse.Namespace) -> None:
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    SPOOL.mkdir(parents=True, exist_ok=True)
+    counter = itertools.count()
+    connections = itertools.count(1)
+    users = {}
+    if args.auth_file:
+        for line in Path(args.auth_file).read_text().splitlines():
+            if ":" in line:
+                name, password = line.split(":", 1)
+                users[name] = password
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            if not hasattr(session, "mailsink_id"):
+                session.mailsink_id = next(connections)
+            message = email.message_from_bytes(envelope.original_content or envelope.content)
+            record = {
+                "received_at": time.time(),
+                "connection": session.mailsink_id,
+                "peer": session.peer[0],
+                "peer_port": session.peer[1],
+                "helo": session.host_name,
+                "tls": session.ssl is not None,
+                "auth_user": (session.auth_data.login.decode()
+                              if isinstance(session.auth_data, LoginPassword) else None),
+                "mail_from": envelope.mail_from,
+                "rcpt_tos": envelope.rcpt_tos,
+                "subject": message.get("Subject"),
+                "message_id": message.get("Message-ID"),
+                "x_test_id": message.get("X-Test-Id"),
+                "received": message.get_all("Received") or [],
+                "size": len(envelope.original_content or envelope.content),
+            }
+            name = f"{time.time_ns()}-{next(counter)}.json"
+            tmp = SPOOL / ("." + name)
+            tmp.write_text(json.dumps(record))
+            tmp.rename(SPOOL / name)
+            return "250 2.0.0 Ok: recorded by mailsink"
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        if isinstance(auth_data, LoginPassword):
+            name, password = auth_data.login.decode(), auth_data.password.decode()
+            if users.get(name) == password:
+                return AuthResult(success=True, auth_data=auth_data)
+        return AuthResult(success=False, handled=False)
+
+    tls_context = None
+    if args.cert:
+        tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_context.load_cert_chain(args.cert, args.key)
+    kwargs = {"tls_context": tls_context} if tls_context else {}
+    if users:
+        kwargs.update(authenticator=authenticator, auth_required=False, auth_require_tls=True)
+    controller = Controller(Handler(), hostname="0.0.0.0", port=args.port,
+                            server_hostname=args.hostname, ident="mailsink",
+                            data_size_limit=100 * 1024 * 1024, **kwargs)
+    controller.start()
+    print(f"mailsink: listening on port {args.port}", flush=True)
+    try:
+        asyncio.new_event_loop().run_forever()
+    finally:
+        controller.stop()
+
+
+def dump(_args: argparse.Namespace) -> None:
+    records = []
+    for path in sorted(SPOOL.glob("[0-9]*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    json.dump(records, sys.stdout)
+
+
+def clear(_args: argparse.Namespace) -> None:
+    for path in SPOOL.glob("*.json"):
+        path.unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve")
+    p.add_argument("--port", type=int, default=25)
+    p.add_argument("--hostname", default=os.uname().nodename)
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--auth-file")
+    p.set_defaults(func=serve)
+    sub.add_parser("dump").set_defaults(func=dump)
+    sub.add_parser("clear").set_defaults(func=clear)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Shared helpers of the scenarios' testinfra tests.
+
+Hosts are reached with testinfra's podman backend (one `podman exec` a command), and their
+variables are read from the scenario's Ansible inventory, so that tests compare against what the
+inventory says instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import testinfra
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[3]
+
+
+def inventory_dir() -> str:
+    return os.path.dirname(os.environ["MOLECULE_INVENTORY_FILE"])
+
+
+@functools.lru_cache(maxsize=1)
+def inventory() -> dict:
+    out = subprocess.run(["ansible-inventory", "-i", inventory_dir(), "--list"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def group(name: str) -> list[str]:
+    inv = inventory()
+    return sorted(inv.get(name, {}).get("hosts", []))
+
+
+def hostvars(name: str) -> dict:
+    return inventory()["_meta"]["hostvars"][name]
+
+
+@functools.lru_cache(maxsize=None)
+def role_defaults(role: str) -> dict:
+    """A role's defaults as written (templated defaults stay unrendered strings)."""
+    return yaml.safe_load((PROJECT / "roles" / role / "defaults" / "main.yml").read_text()) or {}
+
+
+class Node:
+    """One container of the scenario."""
+
+    def __init__(self, name: str, role: str | None = None):
+        self.name = name
+        # What the role runs with: its defaults, overridden by the inventory.
+        self.vars = {**(role_defaults(role) if role else {}), **hostvars(name)}
+        self.ip = self.vars["bench_ip_of"][name]
+        self.host = testinfra.get_host(f"podman://{name}")
+
+    def run(self, command: str, check: bool = True):
+        result = self.host.run(command)
+        if check and result.rc != 0:
+            raise AssertionError(f"{self.name}: `{command}` exited {result.rc}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def probe(self, host: str, **options) -> dict:
+        """Run smtpprobe on this node and return its JSON report.
+
+        Options map to its flags: to=[...] (repeatable), mail_from, starttls=True, auth="u:p",
+        proxy="v2", proxy_src="10.0.0.1", count=3, port=25, id="x", tls_version="1.1".
+        """
+        args = ["smtpprobe", "--host", host]
+        for key, value in options.items():
+            flag = "--" + ("from" if key == "mail_from" else key.replace("_", "-"))
+            if value is True:
+                args.append(flag)
+            elif value is False or value is None:
+                continue
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    args += [flag, str(v)]
+            else:
+                args += [flag, str(value)]
+        result = self.run(" ".join(shlex.quote(a) for a in args))
+        return json.loads(result.stdout)
+
+
+class Sink(Node):
+    """A recording sink (mailsink)."""
+
+    def messages(self) -> list[dict]:
+        return json.loads(self.run("mailsink dump").stdout)
+
+    def with_id(self, test_id: str) -> list[dict]:
+        return [m for m in self.messages() if (m.get("x_test_id") or "").startswith(test_id)]
+
+    def wait_for(self, test_id: str, count: int = 1, timeout: float = 60) -> list[dict]:
+        """Wait until `count` messages whose X-Test-Id starts with test_id have arrived."""
+        deadline = time.monotonic() + timeout
+        found: list[dict] = []
+        while time.monotonic() < deadline:
+            found = self.with_id(test_id)
+            if len(found) >= count:
+                return found
+            time.sleep(0.5)
+        return found
+
+
+def new_id(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def code(reply: list | None) -> int:
+    return reply[0] if reply else 0
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
