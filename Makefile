@@ -3,6 +3,7 @@
 #   make test                          set up this machine, lint, unit-test, run every scenario
 #   make test SCENARIO=postfix         only that Molecule scenario (lint and unit tests still run)
 #   make test TEST_DISTRO=debian13     on Debian 13 containers (default debian12)
+#   make test TEST_DISTRO="debian12 debian13"   on both, one after the other
 #   make test JOBS=2                   scenarios run two at a time
 #
 # Every step prints how long it took. Set-up steps are skipped when nothing they depend on changed.
@@ -22,13 +23,12 @@ CACHE   := .cache
 STAMP   := $(CACHE)/stamps
 TIMED   := scripts/testbench/timed
 export CONTAINERS_CONF := $(CURDIR)/$(CACHE)/containers/containers.conf
-export TEST_DISTRO
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help setup host venv images lint yamllint ansible-lint unit molecule test clean
 
 help:
-	@sed -n '3,9p' Makefile
+	@sed -n "3,10p" Makefile
 
 ## set-up --------------------------------------------------------------------------------
 host:
@@ -47,7 +47,9 @@ $(STAMP)/venv: requirements.txt scripts/pyproject.toml
 venv: host $(STAMP)/venv
 
 images: venv
-	@$(TIMED) "images $(TEST_DISTRO)" $(BIN)/mailstack-testbench images --distro $(TEST_DISTRO)
+	@for d in $(TEST_DISTRO); do \
+	  $(TIMED) "images $$d" $(BIN)/mailstack-testbench images --distro $$d || exit 1; \
+	done
 
 setup: host venv images
 
@@ -64,9 +66,11 @@ unit: venv
 	@$(TIMED) "unit tests" $(BIN)/pytest -q scripts/tests
 
 molecule: images
-	@$(TIMED) "molecule $(TEST_DISTRO)" env PATH="$(CURDIR)/$(BIN):$$PATH" \
-	  $(BIN)/mailstack-testbench scenarios --distro $(TEST_DISTRO) --jobs $(JOBS) \
-	  $(foreach s,$(SCENARIO),--scenario $(s))
+	@for d in $(TEST_DISTRO); do \
+	  $(TIMED) "molecule $$d" env PATH="$(CURDIR)/$(BIN):$$PATH" TEST_DISTRO=$$d \
+	    $(BIN)/mailstack-testbench scenarios --distro $$d --jobs $(JOBS) \
+	    $(foreach s,$(SCENARIO),--scenario $(s)) || exit 1; \
+	done
 
 test: setup lint unit molecule
 	@echo "make test: all checks passed on $(TEST_DISTRO)"
