@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  podman runc debootstrap uidmap slirp4netns fuse-overlayfs
+  podman runc debootstrap uidmap slirp4netns fuse-overlayfs netavark aardvark-dns iptables
   python3 python3-venv python3-pip git make
 )
 
@@ -28,7 +28,8 @@ fi
 echo "setup-host: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq || die "apt-get update failed: check the apt sources of this machine"
-if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" containernetworking-plugins netavark aardvark-dns >/dev/null; then
+# With recommends, as measured in shared/notes/test-bench.md.
+if ! apt-get install -y -qq "${missing[@]}" >/dev/null; then
   die "apt-get install of ${missing[*]} failed"
 fi
 for pkg in "${missing[@]}"; do
