@@ -135,6 +135,80 @@ def probe(args) -> dict:
     return out
 
 
+def sessions(args) -> dict:
+    """Open args.sessions connections one after another, one message each.
+
+    With --retry-seconds, a session that fails to connect or gets a 4xx is retried after
+    --retry-delay, as a real sending MTA would, until it is accepted or the time is up. Reports
+    every attempt's outcome and the timeline of failures, for failover measurements.
+    """
+    base_id = args.id
+    summary = {"sessions": args.sessions, "accepted": [], "failed": [], "attempts": 0,
+               "errors": [], "first_error_at": None, "last_error_at": None}
+    started = time.monotonic()
+    for i in range(args.sessions):
+        args.id = f"{base_id}-s{i}"
+        deadline = time.monotonic() + args.retry_seconds
+        while True:
+            summary["attempts"] += 1
+            t = time.monotonic() - started
+            report = probe(args)
+            ok = (report["connected"] and report["messages"]
+                  and code_of(report["messages"][0].get("data")) == 250)
+            if ok:
+                summary["accepted"].append(args.id)
+                break
+            summary["errors"].append([round(t, 3), report.get("error") or str(report["messages"])[:200]])
+            summary["first_error_at"] = summary["first_error_at"] if summary["first_error_at"] is not None else round(t, 3)
+            summary["last_error_at"] = round(t, 3)
+            if time.monotonic() >= deadline:
+                summary["failed"].append(args.id)
+                break
+            time.sleep(args.retry_delay)
+        if args.interval:
+            time.sleep(args.interval)
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    summary["errors"] = summary["errors"][:50]
+    return summary
+
+
+def watch(args) -> dict:
+    """For args.watch seconds, connect every --watch-every seconds and wait for the 220 greeting.
+
+    Reports the longest time between two successful greetings (the outage a client saw) and
+    the greeting banners seen, so tests can tell which relay answered.
+    """
+    started = time.monotonic()
+    last_ok = None
+    longest = 0.0
+    failures = 0
+    outage_from = outage_to = None
+    while time.monotonic() - started < args.watch:
+        t = time.monotonic()
+        ok = False
+        try:
+            with socket.create_connection((args.host, args.port), timeout=args.watch_timeout) as sock:
+                sock.settimeout(args.watch_timeout)
+                ok = sock.recv(512).startswith(b"220")
+                sock.sendall(b"QUIT\r\n")
+        except OSError:
+            ok = False
+        now = time.monotonic()
+        if ok:
+            if last_ok is not None and now - last_ok > longest:
+                longest, outage_from, outage_to = now - last_ok, last_ok - started, now - started
+            last_ok = now
+        else:
+            failures += 1
+        time.sleep(max(0.0, args.watch_every - (time.monotonic() - t)))
+    return {"watched": args.watch, "longest_gap": round(longest, 3), "failures": failures,
+            "gap_from": outage_from and round(outage_from, 3), "gap_to": outage_to and round(outage_to, 3)}
+
+
+def code_of(r):
+    return r[0] if r else 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", required=True)
@@ -154,12 +228,27 @@ def main() -> None:
     p.add_argument("--proxy-src", help="client address the PROXY header claims")
     p.add_argument("--proxy-src-port", type=int, default=40000)
     p.add_argument("--timeout", type=float, default=15)
+    p.add_argument("--sessions", type=int, default=0,
+                   help="open this many connections in turn, one message each; print a summary")
+    p.add_argument("--interval", type=float, default=0, help="pause between sessions")
+    p.add_argument("--retry-seconds", type=float, default=0, help="retry a failed session this long")
+    p.add_argument("--retry-delay", type=float, default=0.2)
+    p.add_argument("--watch", type=float, default=0,
+                   help="for this many seconds, measure how long the server stops greeting")
+    p.add_argument("--watch-every", type=float, default=0.05)
+    p.add_argument("--watch-timeout", type=float, default=0.5)
     args = p.parse_args()
     if args.id is None:
         args.id = uuid.uuid4().hex
     if args.proxy and not args.proxy_src:
         p.error("--proxy needs --proxy-src")
-    json.dump(probe(args), sys.stdout)
+    if args.watch:
+        result = watch(args)
+    elif args.sessions:
+        result = sessions(args)
+    else:
+        result = probe(args)
+    json.dump(result, sys.stdout)
     sys.stdout.write("\n")
 
 

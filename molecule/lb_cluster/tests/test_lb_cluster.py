@@ -1,0 +1,331 @@
+"""The balancer tier: weighted shares, health checks, no open relay through the VIP, and VIP
+failover measured with real SMTP traffic."""
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+from benchlib import PROJECT, code, inventory_dir, new_id, wait_until
+
+OUTSIDE = "elsewhere.test"
+
+
+def vip(balancers, i):
+    return balancers[0].vars["keepalived_vips"][i].split("/")[0]
+
+
+def holders(balancers, address):
+    """The balancers whose eth0 carries the address."""
+    out = []
+    for lb in balancers:
+        addrs = lb.run("ip -4 -o addr show", check=False).stdout
+        if f" {address}/" in addrs:
+            out.append(lb.name)
+    return out
+
+
+def servers(lb, backend="be_smtp"):
+    """{server: (operational state, weight)} as HAProxy's runtime API reports it."""
+    sock = lb.vars["haproxy_runtime_socket"]
+    text = lb.run(f"echo 'show servers state {backend}' | socat stdio {sock}").stdout
+    state = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) > 8 and f[1] == backend:
+            state[f[3]] = (int(f[5]), int(f[7]))
+    return state
+
+
+def shares(sink, test_id, relays):
+    got = sink.wait_for(test_id, count=1, timeout=5)
+    by_ip = Counter(m["peer"] for m in sink.with_id(test_id))
+    return {r.name: by_ip.get(r.ip, 0) for r in relays}, got
+
+
+def send_sessions(client, address, n, test_id, **extra):
+    report = client.probe(address, to=[f"someone@{OUTSIDE}"], sessions=n, id=test_id, **extra)
+    return report
+
+
+def sink_count(sink, test_id, n, timeout=120):
+    return len(sink.wait_for(test_id, count=n, timeout=timeout))
+
+
+# ---------------------------------------------------------------- placement and delivery
+
+
+def test_each_vip_is_held_by_its_preferred_master(balancers):
+    assert holders(balancers, vip(balancers, 0)) == [balancers[0].name]
+    assert holders(balancers, vip(balancers, 1)) == [balancers[1].name]
+
+
+def test_mail_through_the_vip_is_delivered_and_relays_see_the_real_client(balancers, inside, sink):
+    test_id = new_id("vip")
+    report = inside.probe(vip(balancers, 0), to=[f"someone@{OUTSIDE}"], id=test_id)
+    assert code(report["messages"][0].get("data")) == 250, report
+    got = sink.wait_for(test_id)
+    assert len(got) == 1
+    assert any(f"[{inside.ip}]" in r for r in got[0]["received"]), got[0]["received"]
+
+
+def test_traffic_shares_follow_the_weights(balancers, relays, inside, sink):
+    weights = {r.name: r.vars["mail_relay_weight"] for r in relays}
+    total = sum(weights.values())
+    n = 500
+    test_id = new_id("shares")
+    report = send_sessions(inside, vip(balancers, 0), n, test_id)
+    assert len(report["accepted"]) == n, report
+    assert sink_count(sink, test_id, n) == n
+    got, _ = shares(sink, test_id, relays)
+    measured = {name: got[name] / n for name in got}
+    print(f"\nMEASURED traffic shares over {n} sessions: "
+          + ", ".join(f"{name} weight {weights[name]}: {measured[name]:.1%}" for name in sorted(got)))
+    for name in got:
+        assert abs(measured[name] - weights[name] / total) <= 0.05, measured
+
+
+# ---------------------------------------------------------------- health checks
+
+
+def test_stopped_relay_is_marked_down_gets_no_sessions_and_returns(balancers, relays, inside, sink):
+    relay, other = relays[0], relays[1]
+    lb = balancers[0]
+    inter = float(lb.vars["haproxy_check_inter"].rstrip("s"))
+    fall, rise = lb.vars["haproxy_check_fall"], lb.vars["haproxy_check_rise"]
+    relay.run("systemctl stop postfix")
+    try:
+        started = time.monotonic()
+        assert wait_until(lambda: all(servers(b)[relay.name][0] == 0 for b in balancers), 30, 0.2), \
+            {b.name: servers(b) for b in balancers}
+        took = time.monotonic() - started
+        print(f"\nMEASURED {relay.name} marked down on every balancer after {took:.1f}s "
+              f"(inter {inter}s x fall {fall})")
+        assert took <= inter * fall + 5
+        test_id = new_id("down")
+        report = send_sessions(inside, vip(balancers, 0), 20, test_id)
+        assert len(report["accepted"]) == 20, report
+        assert sink_count(sink, test_id, 20) == 20
+        got, _ = shares(sink, test_id, relays)
+        assert got == {relay.name: 0, other.name: 20}, got
+    finally:
+        relay.run("systemctl start postfix")
+    assert wait_until(lambda: all(servers(b)[relay.name][0] == 2 for b in balancers), inter * rise + 20, 0.2)
+    test_id = new_id("back")
+    report = send_sessions(inside, vip(balancers, 0), 20, test_id)
+    assert len(report["accepted"]) == 20
+    assert sink_count(sink, test_id, 20) == 20
+    got, _ = shares(sink, test_id, relays)
+    assert got[relay.name] > 0 and got[other.name] > 0, got
+
+
+def test_drained_relay_weight_zero_gets_no_new_sessions(balancers, relays, inside, sink):
+    relay = relays[0]
+    sock = balancers[0].vars["haproxy_runtime_socket"]
+    for lb in balancers:
+        lb.run(f"echo 'set server be_smtp/{relay.name} weight 0' | socat stdio {sock}")
+    try:
+        test_id = new_id("drained")
+        assert len(send_sessions(inside, vip(balancers, 0), 10, test_id)["accepted"]) == 10
+        assert sink_count(sink, test_id, 10) == 10
+        got, _ = shares(sink, test_id, relays)
+        assert got[relay.name] == 0, got
+    finally:
+        for lb in balancers:
+            lb.run(f"echo 'set server be_smtp/{relay.name} weight {relay.vars['mail_relay_weight']}' "
+                   f"| socat stdio {sock}")
+
+
+# ---------------------------------------------------------------- no open relay
+
+
+def test_outside_client_cannot_relay_through_the_vip(balancers, outside, sink):
+    test_id = new_id("outside-vip")
+    report = outside.probe(vip(balancers, 0), to=[f"victim@{OUTSIDE}"], id=test_id)
+    assert report["connected"], report
+    assert 500 <= code(report["messages"][0]["rcpt"][0]) < 600, report
+    time.sleep(1)
+    assert sink.with_id(test_id) == []
+
+
+def test_forged_proxy_header_straight_to_a_relay_gets_no_connection(relays, outside, inside, sink):
+    test_id = new_id("forged")
+    relay = relays[0]
+    report = outside.probe(relay.ip, port=relay.vars["postfix_proxy_port"], proxy="v2",
+                           proxy_src=inside.ip, to=[f"victim@{OUTSIDE}"], id=test_id, timeout=5)
+    assert not report["connected"], report
+    assert sink.with_id(test_id) == []
+
+
+def http_get(node, url, auth=None):
+    """(status, body) of a GET from inside the node, with Python's urllib (no curl there)."""
+    script = (
+        "import base64, sys, urllib.request, urllib.error\n"
+        f"req = urllib.request.Request({url!r})\n"
+        + (f"req.add_header('Authorization', 'Basic ' + base64.b64encode({auth!r}.encode()).decode())\n"
+           if auth else "")
+        + "try:\n    r = urllib.request.urlopen(req, timeout=10); print(r.status); print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+    )
+    out = node.run(f"python3 -c {shlex.quote(script)}").stdout
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
+def test_stats_page_needs_the_password_and_metrics_are_served(balancers):
+    lb = balancers[0]
+    base = f"http://127.0.0.1:{lb.vars['haproxy_stats_port']}"
+    assert http_get(lb, base + "/stats")[0] == 401
+    auth = f"{lb.vars['haproxy_stats_user']}:{lb.vars['haproxy_stats_password']}"
+    assert http_get(lb, base + "/stats", auth=auth + "x")[0] == 401
+    status, body = http_get(lb, base + "/stats", auth=auth)
+    assert status == 200 and "be_smtp" in body
+    status, metrics = http_get(lb, base + "/metrics")
+    assert status == 200 and "haproxy_server_status" in metrics or "haproxy_backend_active_servers" in metrics
+
+
+# ---------------------------------------------------------------- failover
+
+
+def background(node, command, outfile):
+    node.run(f"rm -f {outfile}; (setsid sh -c '{command} > {outfile}.tmp 2>&1; mv {outfile}.tmp {outfile}' "
+             "</dev/null >/dev/null 2>&1 &)")
+
+
+def wait_json(node, path, timeout):
+    assert wait_until(lambda: node.run(f"test -f {path}", check=False).rc == 0, timeout, 0.5), path
+    return json.loads(node.run(f"cat {path}").stdout)
+
+
+def failover_once(balancers, inside, sink, kill_command, label):
+    """Kill something on the VIP's master while mail flows; return the gap and the counts."""
+    address = vip(balancers, 0)
+    master, backup = balancers[0], balancers[1]
+    assert holders(balancers, address) == [master.name]
+    test_id = new_id(f"failover-{label}")
+    background(inside, f"smtpprobe --host {address} --watch 14", "/tmp/watch.json")
+    background(inside, f"smtpprobe --host {address} --to someone@{OUTSIDE} --sessions 80 --interval 0.1 "
+               f"--retry-seconds 30 --retry-delay 0.2 --timeout 5 --id {test_id}", "/tmp/send.json")
+    time.sleep(3)
+    master.run(kill_command)
+    moved = wait_until(lambda: holders(balancers, address) == [backup.name], 20, 0.1)
+    watch = wait_json(inside, "/tmp/watch.json", 30)
+    sent = wait_json(inside, "/tmp/send.json", 90)
+    assert moved, f"VIP {address} did not move to {backup.name} after `{kill_command}`"
+    master.run(f"systemctl start {label}")  # restore the node, whatever systemd did on its own
+    accepted = sent["accepted"]
+    delivered = Counter(m["x_test_id"] for m in sink.wait_for(test_id, count=len(accepted), timeout=60))
+    lost = [i for i in accepted if delivered.get(i, 0) == 0]
+    duplicated = [i for i, c in delivered.items() if c > 1]
+    unaccounted = [i for i in delivered if i not in accepted]
+    result = {"gap": watch["longest_gap"], "sent": sent["sessions"], "accepted": len(accepted),
+              "failed": len(sent["failed"]), "delivered": sum(delivered.values()),
+              "lost": len(lost), "duplicated": len(duplicated), "attempts": sent["attempts"],
+              "delivered_but_not_acknowledged": len(unaccounted)}
+    # Back to normal: the killed daemon is restarted by systemd, and the master takes its VIP
+    # back (preempt) once haproxy has settled.
+    assert wait_until(lambda: holders(balancers, address) == [master.name], 60, 0.5), \
+        f"VIP {address} did not return to {master.name}"
+    return result
+
+
+@pytest.mark.parametrize("target", ["haproxy", "keepalived"])
+def test_killing_a_daemon_on_the_master_moves_the_vip_and_loses_no_mail(balancers, inside, sink, target):
+    runs = 3 if target == "haproxy" else 1
+    results = [failover_once(balancers, inside, sink, f"pkill -KILL -x {target}", target) for _ in range(runs)]
+    gaps = [r["gap"] for r in results]
+    print(f"\nMEASURED SIGKILL {target} on the master, {runs} run(s): VIP unreachable for "
+          f"median {statistics.median(gaps):.2f}s, worst {max(gaps):.2f}s; runs: {results}")
+    for r in results:
+        assert r["failed"] == 0, r
+        assert r["lost"] == 0, r
+        # A duplicate is only acceptable for a session whose acknowledgement was lost.
+        assert r["duplicated"] <= r["attempts"] - r["sent"], r
+
+
+# ---------------------------------------------------------------- active-active
+
+
+def test_both_vips_answer_each_from_a_different_balancer(balancers, inside):
+    holder = [holders(balancers, vip(balancers, i)) for i in (0, 1)]
+    assert len(holder[0]) == 1 and len(holder[1]) == 1 and holder[0] != holder[1], holder
+    for i in (0, 1):
+        report = inside.probe(vip(balancers, i), to=[f"someone@{OUTSIDE}"], no_data=True)
+        assert code(report["banner"]) == 220 and code(report["messages"][0]["rcpt"][0]) == 250, report
+
+
+def test_killing_a_balancer_moves_its_vip_to_the_other_which_serves_both(balancers, inside, sink):
+    victim, survivor = balancers[1], balancers[0]
+    env = dict(os.environ)
+    subprocess.run(["podman", "kill", victim.name], check=True, env=env, capture_output=True)
+    try:
+        assert wait_until(lambda: vip(balancers, 1) in survivor.run("ip -4 -o addr show").stdout, 20, 0.2)
+        for i in (0, 1):
+            test_id = new_id(f"survivor-{i}")
+            report = inside.probe(vip(balancers, i), to=[f"someone@{OUTSIDE}"], id=test_id)
+            assert code(report["messages"][0].get("data")) == 250, report
+            assert len(sink.wait_for(test_id)) == 1
+    finally:
+        subprocess.run(["podman", "start", victim.name], check=True, env=env, capture_output=True)
+    assert wait_until(lambda: holders(balancers, vip(balancers, 1)) == [victim.name], 90, 1), \
+        "the restarted balancer did not take its VIP back"
+
+
+# ---------------------------------------------------------------- bad input and the other preset
+
+
+def converge_balancers(extra_vars, timeout=600):
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
+    return subprocess.run(
+        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / "molecule/lb_cluster/converge.yml"),
+         "--limit", "balancers", "-e", json.dumps(extra_vars)],
+        capture_output=True, text=True, env=env, timeout=timeout)
+
+
+BAD_INPUTS = [
+    ({"keepalived_router_ids": [0, 62]}, ["must be from 1 to 255", "keepalived_router_ids"]),
+    ({"keepalived_router_ids": [61, 61]}, ["keepalived_router_ids: two instances share a router id"]),
+    ({"keepalived_vips": ["10.89.20.300/24", "10.89.20.201/24"]}, ["10.89.20.300/24", "keepalived_vips"]),
+    ({"keepalived_priority_master": 255}, ["keepalived_priority_master"]),
+    ({"keepalived_vrrp_version": 3}, ["keepalived_auth_pass", "only with version 2"]),
+    ({"haproxy_stats_password": ""}, ["haproxy_stats_password must be set"]),
+    ({"mail_relay_weight": 300}, ["mail_relay_weight must be a whole number from 0 to 256"]),
+]
+
+
+@pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] for b in BAD_INPUTS])
+def test_bad_input_fails_naming_the_variable_before_anything_changes(balancers, extra_vars, expected):
+    files = "/etc/keepalived/keepalived.conf /etc/haproxy/haproxy.cfg"
+    before = [lb.run(f"sha256sum {files}").stdout for lb in balancers]
+    proc = converge_balancers(extra_vars)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-2000:]
+    for text in expected:
+        assert text in output, f"{text!r} not in the failure:\n{output[-3000:]}"
+    assert "changed=0" in output and "changed=1" not in output, output[-2000:]
+    assert [lb.run(f"sha256sum {files}").stdout for lb in balancers] == before
+
+
+def test_active_passive_preset_puts_one_vip_on_the_first_balancer_and_fails_over(balancers, inside):
+    address = vip(balancers, 0)
+    proc = converge_balancers({"keepalived_preset": "active_passive",
+                               "keepalived_vips": [balancers[0].vars["keepalived_vips"][0]]})
+    try:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert wait_until(lambda: holders(balancers, vip(balancers, 1)) == [], 20, 0.5), \
+            "the second VIP is still held after switching to active-passive"
+        assert holders(balancers, address) == [balancers[0].name]
+        assert "vrrp_instance VI_2" not in balancers[1].run("cat /etc/keepalived/keepalived.conf").stdout
+        balancers[0].run("pkill -KILL -x haproxy")
+        assert wait_until(lambda: holders(balancers, address) == [balancers[1].name], 20, 0.1)
+        report = inside.probe(address, to=[f"someone@{OUTSIDE}"], no_data=True)
+        assert code(report["banner"]) == 220, report
+        assert wait_until(lambda: holders(balancers, address) == [balancers[0].name], 60, 0.5)
+    finally:
+        restored = converge_balancers({})
+        assert restored.returncode == 0, (restored.stdout + restored.stderr)[-3000:]
+    assert wait_until(lambda: holders(balancers, vip(balancers, 1)) == [balancers[1].name], 30, 0.5)
