@@ -5,7 +5,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "resources" / "tests"))
 
-from benchlib import Node, Sink, group  # noqa: E402
+from bench_fixtures import inside, outside, sink  # noqa: E402,F401  fixtures used by the tests
+from benchlib import Node, group  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -16,18 +17,3 @@ def relays():
 @pytest.fixture(scope="session")
 def balancers():
     return [Node(h, role="haproxy") for h in group("balancers")]
-
-
-@pytest.fixture(scope="session")
-def sink():
-    return Sink(group("sinks")[0])
-
-
-@pytest.fixture(scope="session")
-def inside():
-    return Node(group("inside_clients")[0])
-
-
-@pytest.fixture(scope="session")
-def outside():
-    return Node(group("outside_clients")[0])

@@ -1,0 +1,23 @@
+"""Fixtures every scenario with a sink and inside/outside clients shares.
+
+A scenario's conftest.py imports the ones it needs: `from bench_fixtures import sink, inside, outside`.
+Groups: `sinks`, `inside_clients`, `outside_clients`.
+"""
+
+import pytest
+from benchlib import Node, Sink, group
+
+
+@pytest.fixture(scope="session")
+def sink():
+    return Sink(group("sinks")[0])
+
+
+@pytest.fixture(scope="session")
+def inside():
+    return Node(group("inside_clients")[0])
+
+
+@pytest.fixture(scope="session")
+def outside():
+    return Node(group("outside_clients")[0])
