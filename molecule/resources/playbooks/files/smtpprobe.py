@@ -101,6 +101,7 @@ def probe(args) -> dict:
             out["starttls"] = reply(smtp.starttls(context=tls_context(args)))
             out["tls_version"] = smtp.sock.version()
             out["ehlo_tls"] = reply(smtp.ehlo(args.helo))
+            out["esmtp_features_tls"] = sorted(smtp.esmtp_features)
         if args.auth:
             user, password = args.auth.split(":", 1)
             try:
