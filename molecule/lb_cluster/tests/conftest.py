@@ -9,9 +9,20 @@ from bench_fixtures import inside, outside, sink  # noqa: E402,F401  fixtures us
 from benchlib import Node, group  # noqa: E402
 
 
+MTA_SERVICE = {"postfix": "postfix", "exim": "exim4"}
+
+
+def relay_node(name: str) -> Node:
+    """A relay with the defaults of the role its group says it runs, and that MTA's service name."""
+    mta = "exim" if name in group("exim_relays") else "postfix"
+    node = Node(name, role=mta)
+    node.mta, node.service = mta, MTA_SERVICE[mta]
+    return node
+
+
 @pytest.fixture(scope="session")
 def relays():
-    return [Node(h, role="postfix") for h in group("mail_relays")]
+    return [relay_node(h) for h in group("mail_relays")]
 
 
 @pytest.fixture(scope="session")
