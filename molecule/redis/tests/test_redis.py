@@ -2,14 +2,11 @@
 dangerous commands, keep what store mode acknowledged, and evict instead of failing in cache mode.
 Every check is made with redis-cli from another host."""
 
-import json
-import os
 import shlex
-import subprocess
 import time
 
 import pytest
-from benchlib import PROJECT, inventory_dir, new_id, wait_until
+from benchlib import new_id, run_bad_input, wait_until
 
 
 def cli(client, node, *args, user=None, password=None, check=False):
@@ -219,16 +216,4 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] for b in BAD_INPUTS])
 def test_bad_input_fails_naming_the_variable_before_anything_changes(store, extra_vars, expected):
-    files = "/etc/redis/redis.conf /etc/redis/users.acl"
-    before = store.run(f"sha256sum {files}").stdout
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / "molecule/redis/converge.yml"),
-         "--limit", store.name, "-e", json.dumps(extra_vars)],
-        capture_output=True, text=True, env=env, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output
-    for text in expected:
-        assert text in output, f"{text!r} not in the failure:\n{output[-3000:]}"
-    assert "changed=0" in output, output[-2000:]
-    assert store.run(f"sha256sum {files}").stdout == before
+    run_bad_input(store, "redis", ["/etc/redis/redis.conf", "/etc/redis/users.acl"], extra_vars, expected)

@@ -123,3 +123,20 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.5):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def run_bad_input(node: Node, scenario: str, watched_files: list[str], extra_vars: dict, expected: list[str]):
+    """Converge node with bad extra vars: it must fail naming the problem, and change nothing."""
+    files = " ".join(watched_files)
+    before = node.run(f"sha256sum {files}").stdout
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
+    proc = subprocess.run(
+        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / f"molecule/{scenario}/converge.yml"),
+         "--limit", node.name, "-e", json.dumps(extra_vars)],
+        capture_output=True, text=True, env=env, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    for text in expected:
+        assert text in output, f"{text!r} not in the failure:\n{output[-3000:]}"
+    assert "changed=0" in output, output[-2000:]
+    assert node.run(f"sha256sum {files}").stdout == before, "a file changed although the input was refused"

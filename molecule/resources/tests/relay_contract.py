@@ -8,14 +8,12 @@ what the inventory configured.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
 import time
 from dataclasses import dataclass
 
 import pytest
-from benchlib import PROJECT, Node, code, inventory_dir, new_id, wait_until
+from benchlib import Node, code, new_id, run_bad_input, wait_until
 
 OUTSIDE_DOMAIN = "elsewhere.test"
 
@@ -322,23 +320,3 @@ def test_proxy_firewall_survives_a_restart_of_nftables(relay, contract, outside,
     report = outside.probe(relay.ip, port=contract.proxy_port, proxy="v2",
                            proxy_src=inside.ip, to=[f"victim@{OUTSIDE_DOMAIN}"], no_data=True, timeout=5)
     assert not report["connected"], report
-
-
-# ---------------------------------------------------------------- bad input
-
-
-def run_bad_input(relay: Node, scenario: str, watched_files: list[str], extra_vars: dict, expected: list[str]):
-    """Converge the relay with bad extra vars: it must fail naming the problem, change nothing."""
-    files = " ".join(watched_files)
-    before = relay.run(f"sha256sum {files}").stdout
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / f"molecule/{scenario}/converge.yml"),
-         "--limit", relay.name, "-e", json.dumps(extra_vars)],
-        capture_output=True, text=True, env=env, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output
-    for text in expected:
-        assert text in output, f"{text!r} not in the failure:\n{output[-3000:]}"
-    assert "changed=0" in output, output[-2000:]
-    assert relay.run(f"sha256sum {files}").stdout == before
