@@ -1,0 +1,296 @@
+"""The `mailstack` command: checks before a run, the lab, and the tests operators run after one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import click
+
+from mailstack.inventory import Inventory, InventoryError, Undefined
+
+INVENTORY_HELP = "Inventory directory or file (as for ansible-playbook -i)."
+
+
+def load(inventory: str, vault_password_file: str | None = None) -> Inventory:
+    try:
+        return Inventory(inventory, vault_password_file)
+    except InventoryError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """mailstack: check an inventory, run the lab, test the mail tier.
+
+    \b
+    Examples:
+      mailstack check -i inventories/production
+      mailstack weights -i inventories/staging
+      mailstack lab up && mailstack smoke -i inventories/lab
+    """
+
+
+# ---------------------------------------------------------------- check
+
+@main.command("check")
+@click.option("-i", "--inventory", required=True, help=INVENTORY_HELP)
+@click.option("--vault-password-file", type=click.Path(exists=True, dir_okay=False),
+              help="To read an inventory whose vault is encrypted.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def check_cmd(inventory: str, vault_password_file: str | None, as_json: bool) -> None:
+    """Validate an inventory before any playbook runs on it.
+
+    Checks relay weights (whole numbers 0-256), VRRP router ids (1-255, unique), VIPs (addresses
+    inside the balancers' network, held by no host), priorities, the groups the roles need, that
+    every secret is defined (and names the vault variables that are not), that the relays trust
+    exactly the balancers' PROXY headers and no relay network opens a relay to everyone, and
+    the roles' argument types. Single points of failure are warnings.
+
+    Exit code: 1 on errors, 0 when there are only warnings.
+
+    \b
+    Example:
+      mailstack check -i inventories/production --vault-password-file ~/.vault-pass
+    """
+    from mailstack.checks import check, format_report
+
+    report = check(load(inventory, vault_password_file))
+    if as_json:
+        emit_json({"inventory": inventory, "errors": len(report.errors), "warnings": len(report.warnings),
+                   "findings": [f.as_dict() for f in report.errors + report.warnings]})
+    else:
+        for line in format_report(report, inventory):
+            click.echo(line)
+    sys.exit(1 if report.errors else 0)
+
+
+# ---------------------------------------------------------------- weights
+
+def weights_table(inv: Inventory) -> list[dict]:
+    from mailstack.checks import Checker
+
+    checker = Checker(inv)
+    balancers = inv.hosts("balancers")
+    if not balancers:
+        raise click.ClickException("the inventory has no balancers group: there are no backends")
+    lb = balancers[0]
+    group = checker.setting(lb, "haproxy", "haproxy_backend_group", "mail_relays")
+    weight_var = checker.setting(lb, "haproxy", "haproxy_weight_variable", "mail_relay_weight")
+    frontends = checker.setting(lb, "haproxy", "haproxy_frontends", []) or []
+    relays = []
+    for host in inv.hosts(group):
+        try:
+            weight = inv.value(host, weight_var, 1)
+        except Undefined as exc:
+            raise click.ClickException(f"{host}: {weight_var} {exc}") from None
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 256:
+            raise click.ClickException(f"{host}: {weight_var} must be a whole number from 0 to 256 "
+                                       f"(got {weight!r}); run `mailstack check`")
+        groups = inv.groups_of(host)
+        relays.append({"host": host, "mta": "exim" if "exim_relays" in groups else "postfix",
+                       "address": checker.address(host), "weight": weight,
+                       "weight_set": inv.defines(host, weight_var)})
+    total = sum(r["weight"] for r in relays)
+    for r in relays:
+        r["share_percent"] = round(100.0 * r["weight"] / total, 1) if total else 0.0
+    backends = []
+    for fe in frontends:
+        backends.append({"backend": f"be_{fe['name']}", "frontend_port": fe["port"],
+                         "relay_port": fe.get("proxy_backend_port") or fe.get("backend_port"),
+                         "balance": checker.setting(lb, "haproxy", "haproxy_balance", "roundrobin"),
+                         "relays": relays})
+    return backends
+
+
+@main.command("weights")
+@click.option("-i", "--inventory", required=True, help=INVENTORY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def weights_cmd(inventory: str, as_json: bool) -> None:
+    """The relays behind each HAProxy backend, their weights and their share of new sessions.
+
+    A relay's share is its weight over the sum of the weights (roundrobin and leastconn both
+    follow it over many sessions); weight 0 means drained.
+
+    \b
+    Example:
+      mailstack weights -i inventories/lab
+    """
+    backends = weights_table(load(inventory))
+    if as_json:
+        emit_json({"inventory": inventory, "backends": backends})
+        return
+    for be in backends:
+        click.echo(f"backend {be['backend']} (port {be['frontend_port']} -> relays' {be['relay_port']}, "
+                   f"{be['balance']})")
+        click.echo(f"  {'relay':<14}{'mta':<9}{'address':<17}{'weight':>7}{'share':>9}")
+        for r in be["relays"]:
+            weight = f"{r['weight']}" + ("" if r["weight_set"] else "*")
+            share = "drained" if r["weight"] == 0 else f"{r['share_percent']:.1f} %"
+            click.echo(f"  {r['host']:<14}{r['mta']:<9}{r['address'] or '?':<17}{weight:>7}{share:>9}")
+    if any(not r["weight_set"] for be in backends for r in be["relays"]):
+        click.echo("  * not set in the inventory: HAProxy's default weight 1")
+
+
+# ---------------------------------------------------------------- smoke
+
+@main.command("smoke")
+@click.option("-i", "--inventory", required=True, help=INVENTORY_HELP)
+@click.option("--sender", help="Envelope sender [inventory: mailstack_smoke_sender].")
+@click.option("--recipient", help="Recipient [inventory: mailstack_smoke_recipient].")
+@click.option("--vip", "vips", multiple=True, help="Only this VIP (repeatable) [all VIPs of the balancers].")
+@click.option("--port", type=int, help="SMTP port of the VIPs [the balancers' smtp frontend].")
+@click.option("--starttls", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="auto: use STARTTLS when offered.")
+@click.option("--verify-tls", is_flag=True, help="Verify the relays' certificates.")
+@click.option("--user", help="Authenticate (after STARTTLS) as this user.")
+@click.option("--password-env", default="MAILSTACK_SMOKE_PASSWORD", show_default=True,
+              help="Environment variable that holds --user's password.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for delivery at a lab sink.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def smoke_cmd(inventory: str, sender: str | None, recipient: str | None, vips: tuple[str, ...],
+              port: int | None, starttls: str, verify_tls: bool, user: str | None, password_env: str,
+              timeout: float, as_json: bool) -> None:
+    """Send one test message through each VIP from this machine and report whether it was accepted.
+
+    This machine must be allowed to relay (in the relay networks), or pass --user with the
+    password in $MAILSTACK_SMOKE_PASSWORD. When the inventory has a podman `sinks` group (the
+    lab), the command also waits until each accepted message is found at the sink.
+
+    Exit code: 1 if any VIP did not accept (or, in the lab, did not deliver) its message.
+
+    \b
+    Example:
+      mailstack smoke -i inventories/lab
+      MAILSTACK_SMOKE_PASSWORD=... mailstack smoke -i inventories/staging --user smoke --starttls always
+    """
+    from mailstack.smoke import lab_sinks, send_one, smtp_port, vip_addresses, wait_delivered
+
+    inv = load(inventory)
+    first = inv.hosts()[0]
+    try:
+        sender = sender or inv.value(first, "mailstack_smoke_sender", None)
+        recipient = recipient or inv.value(first, "mailstack_smoke_recipient", None)
+    except Undefined as exc:
+        raise click.ClickException(str(exc)) from None
+    if not sender or not recipient:
+        raise click.ClickException("no sender or recipient: pass --sender/--recipient or set "
+                                   "mailstack_smoke_sender/mailstack_smoke_recipient in the inventory")
+    targets = list(vips) or vip_addresses(inv)
+    if not targets:
+        raise click.ClickException("the inventory has no VIPs and no balancers to send through")
+    port = port or smtp_port(inv)
+    password = os.environ.get(password_env) if user else None
+    if user and password is None:
+        raise click.ClickException(f"--user given but ${password_env} is not set")
+    results = [send_one(vip, port, sender, recipient, helo=socket.getfqdn(), starttls=starttls,
+                        user=user, password=password, verify=verify_tls) for vip in targets]
+    sinks = lab_sinks(inv)
+    if sinks:
+        wait_delivered(sinks, results, timeout)
+    ok = all(r.accepted and r.delivered is not False for r in results)
+    if as_json:
+        emit_json({"inventory": inventory, "ok": ok, "sender": sender, "recipient": recipient,
+                   "results": [r.as_dict() for r in results]})
+    else:
+        for r in results:
+            state = "accepted" if r.accepted else "NOT accepted"
+            line = f"{r.vip}:{r.port} {state} ({r.code} {r.reply.strip()[:80]}) in {r.seconds:.2f}s"
+            line += ", TLS" if r.tls else ", no TLS"
+            if r.delivered is True:
+                line += f"; found at the sink after {r.delivered_after:.1f}s"
+            elif r.delivered is False:
+                line += f"; NOT found at the sink within {timeout:.0f}s"
+            click.echo(line)
+            if r.banner:
+                click.echo(f"  answered by: {r.banner.strip()[:100]}")
+    sys.exit(0 if ok else 1)
+
+
+# ---------------------------------------------------------------- lab
+
+@main.group("lab")
+def lab_group() -> None:
+    """The whole stack in containers on this machine, from inventories/lab.
+
+    \b
+    Examples:
+      mailstack lab up                 # or: make lab
+      mailstack lab status --json
+      mailstack lab down
+    """
+
+
+@lab_group.command("up")
+@click.option("--distro", default=lambda: os.environ.get("LAB_DISTRO", "debian12"),
+              show_default="$LAB_DISTRO or debian12", help="Debian release of the containers.")
+@click.option("--recreate", is_flag=True, help="Remove the running lab first and build it anew.")
+@click.option("--json", "as_json", is_flag=True, help="End with the lab's status as JSON instead of text.")
+def lab_up_cmd(distro: str, recreate: bool, as_json: bool) -> None:
+    """Create the lab's containers (or keep the running ones) and converge them with site.yml.
+
+    A second run keeps the containers and only converges them. Progress goes to stderr; the
+    playbook's full output to .cache/logs/lab-site.log.
+
+    \b
+    Example:
+      mailstack lab up --distro debian13 --recreate
+    """
+    from mailstack import lab
+
+    state = lab.up(distro, recreate)
+    if as_json:
+        emit_json(state)
+    else:
+        for line in lab.format_welcome(state, lab.Lab.load()):
+            click.echo(line)
+    sys.exit(0 if state["healthy"] else 1)
+
+
+@lab_group.command("down")
+def lab_down_cmd() -> None:
+    """Remove the lab's containers and its network.
+
+    \b
+    Example:
+      mailstack lab down
+    """
+    from mailstack import lab
+
+    removed = lab.down()
+    click.echo(f"lab: removed {len(removed)} container(s)" + (f": {', '.join(removed)}" if removed else ""))
+
+
+@lab_group.command("status")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print every host's name, address, groups and state, the VIPs and the backends as JSON.")
+def lab_status_cmd(as_json: bool) -> None:
+    """Per host whether it runs; which balancer holds each VIP; each backend's state and weight as
+    HAProxy sees them; each relay's queue; Redis and RabbitMQ health.
+
+    Exit code: 1 when anything is unhealthy (a container stopped, a VIP held by no balancer or by
+    two, a relay not UP, Redis or RabbitMQ not answering).
+
+    \b
+    Example:
+      mailstack lab status --json | jq '.vips'
+    """
+    from mailstack import lab
+
+    state = lab.status()
+    if as_json:
+        emit_json(state)
+    else:
+        for line in lab.format_status(state):
+            click.echo(line)
+    sys.exit(0 if state["healthy"] else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
