@@ -1,10 +1,11 @@
-# mailstack: the two commands a user needs are `make test` and (later) `make lab`.
+# mailstack: the two commands a user needs are `make lab` and `make test`.
 #
-#   make test                          set up this machine, lint, unit-test, run every scenario
-#   make test SCENARIO=postfix         only that Molecule scenario (lint and unit tests still run)
-#   make test TEST_DISTRO=debian13     on Debian 13 containers (default debian12)
-#   make test TEST_DISTRO="debian12 debian13"   on both, one after the other
-#   make test JOBS=2                   scenarios run two at a time
+#   make lab                           set up this machine, bring the whole stack up in containers
+#   make lab LAB_DISTRO=debian13       the lab on Debian 13 containers (default debian12)
+#   make test                          set up this machine, lint, unit-test, run every scenario and the lab
+#   make test SCENARIO=postfix         only that scenario (lint and unit tests still run); SCENARIO=lab: the lab
+#   make test TEST_DISTRO="debian12 debian13"   on both releases, one after the other (default debian12)
+#   make test JOBS=2                   Molecule scenarios run two at a time
 #
 # Every step prints how long it took. Set-up steps are skipped when nothing they depend on changed.
 
@@ -15,6 +16,7 @@ SHELL       := /bin/bash
 TEST_DISTRO ?= debian12
 SCENARIO    ?=
 JOBS        ?= 1
+LAB_DISTRO  ?= debian12
 PYTHON      ?= python3
 
 VENV    := .venv
@@ -25,10 +27,15 @@ TIMED   := scripts/testbench/timed
 export CONTAINERS_CONF := $(CURDIR)/$(CACHE)/containers/containers.conf
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help setup host venv images lint yamllint ansible-lint unit molecule test clean
+.PHONY: help setup host venv images lint yamllint ansible-lint unit molecule lab lab-test test clean
+
+# `lab` in SCENARIO is the lab run, not a Molecule scenario; no SCENARIO means everything.
+MOLECULE_SCENARIOS := $(filter-out lab,$(SCENARIO))
+RUN_MOLECULE := $(if $(SCENARIO),$(if $(MOLECULE_SCENARIOS),yes,),yes)
+RUN_LAB      := $(if $(SCENARIO),$(if $(filter lab,$(SCENARIO)),yes,),yes)
 
 help:
-	@sed -n "3,10p" Makefile
+	@sed -n "3,11p" Makefile
 
 ## set-up --------------------------------------------------------------------------------
 host:
@@ -66,13 +73,29 @@ unit: venv
 	@$(TIMED) "unit tests" $(BIN)/pytest -q scripts/tests
 
 molecule: images
+ifeq ($(RUN_MOLECULE),yes)
 	@for d in $(TEST_DISTRO); do \
 	  $(TIMED) "molecule $$d" env PATH="$(CURDIR)/$(BIN):$$PATH" TEST_DISTRO=$$d \
 	    $(BIN)/mailstack-testbench scenarios --distro $$d --jobs $(JOBS) \
-	    $(foreach s,$(SCENARIO),--scenario $(s)) || exit 1; \
+	    $(foreach s,$(MOLECULE_SCENARIOS),--scenario $(s)) || exit 1; \
 	done
+endif
 
-test: setup lint unit molecule
+## the lab ---------------------------------------------------------------------------------
+lab: host venv
+	@$(TIMED) "lab ($(LAB_DISTRO))" $(BIN)/mailstack lab up --distro $(LAB_DISTRO)
+
+# The lab proof: `mailstack lab up` twice (the second must change nothing), smoke through every
+# VIP, status --json; then the lab is removed (MAILSTACK_KEEP_LAB=1 keeps it).
+lab-test: images
+ifeq ($(RUN_LAB),yes)
+	@for d in $(TEST_DISTRO); do \
+	  $(TIMED) "lab test $$d" env PATH="$(CURDIR)/$(BIN):$$PATH" TEST_DISTRO=$$d \
+	    $(BIN)/pytest -q -s -p no:cacheprovider scripts/labtests --distro $$d || exit 1; \
+	done
+endif
+
+test: setup lint unit molecule lab-test
 	@echo "make test: all checks passed on $(TEST_DISTRO)"
 
 clean:
