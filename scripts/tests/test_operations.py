@@ -1,0 +1,44 @@
+"""The pieces of the drill and the traffic sender that can be proven without a lab."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_cli import FakeSMTP, fake_smtp  # noqa: F401  (the fixture is used by name)
+
+from mailstack.drill import Watcher
+from mailstack.traffic import Sender
+
+
+def test_longest_gap_counts_from_the_start_and_to_the_end_of_the_window():
+    w = Watcher("127.0.0.1", 9)
+    w.ok_times = [10.0, 10.1, 10.2, 13.5, 13.6]
+    assert w.longest_gap(10.15, 14.0) == pytest.approx(3.3)
+    assert w.longest_gap(13.55, 16.0) == pytest.approx(2.4)
+    assert w.first_answer_after(10.25) == pytest.approx(3.25)
+    assert w.first_answer_after(14.0) is None
+
+
+def test_sender_records_every_message_accepted_or_refused(fake_smtp):  # noqa: F811
+    sender = Sender(["127.0.0.1"], fake_smtp, "a@example.com", "b@example.com", prefix="unit", interval=0.02)
+    sender.start()
+    time.sleep(0.3)
+    sender.stop()
+    assert len(sender.results) >= 5 and len(sender.accepted) == len(sender.results)
+    ids = [r.test_id for r in sender.results]
+    assert ids == [f"unit-{n}" for n in range(len(ids))]
+    refused = Sender(["127.0.0.1"], fake_smtp, "a@example.com", "x@refused.test", prefix="no", interval=0.02)
+    refused.start()
+    time.sleep(0.1)
+    refused.stop()
+    assert refused.results and not refused.accepted and refused.refused[0].detail.startswith("554")
+
+
+def test_sender_counts_a_dead_address_as_refused():
+    sender = Sender(["127.0.0.1"], 9, "a@example.com", "b@example.com", interval=0.02, timeout=1)
+    sender.start()
+    time.sleep(0.1)
+    sender.stop()
+    assert sender.results and not sender.accepted
+    assert "ConnectionRefusedError" in sender.refused[0].detail
