@@ -213,6 +213,126 @@ def smoke_cmd(inventory: str, sender: str | None, recipient: str | None, vips: t
     sys.exit(0 if ok else 1)
 
 
+# ---------------------------------------------------------------- drill
+
+@main.group("drill")
+def drill_group() -> None:
+    """Drills that prove the tier survives what it is built to survive.
+
+    \b
+    Example:
+      mailstack drill failover -i inventories/lab --mode both --rounds 3
+    """
+
+
+@drill_group.command("failover")
+@click.option("-i", "--inventory", required=True, help=INVENTORY_HELP)
+@click.option("--vip", help="The VIP to drill [the first VIP of the balancers].")
+@click.option("--mode", type=click.Choice(["haproxy", "keepalived", "both", "container"]), default="both",
+              show_default=True, help="What to kill on the balancer holding the VIP: SIGKILL haproxy, "
+              "keepalived or both, or stop its whole container (lab only).")
+@click.option("--rounds", default=3, show_default=True, help="How many times to kill and restore.")
+@click.option("--interval", default=0.1, show_default=True, help="Seconds between test messages.")
+@click.option("--settle", default=2.0, show_default=True, help="Seconds of steady traffic around each step.")
+@click.option("--port", type=int, help="SMTP port of the VIP [the balancers' smtp frontend].")
+@click.option("--sender", help="Envelope sender [inventory: mailstack_smoke_sender].")
+@click.option("--recipient", help="Recipient [inventory: mailstack_smoke_recipient].")
+@click.option("--json", "as_json", is_flag=True, help="Print the rounds and counts as JSON.")
+def drill_failover_cmd(inventory: str, vip: str | None, mode: str, rounds: int, interval: float, settle: float,
+                       port: int | None, sender: str | None, recipient: str | None, as_json: bool) -> None:
+    """Kill the balancer that holds a VIP, measure until the VIP answers SMTP again from the other
+    balancer, restore it, and repeat; mail is sent through the VIP all along.
+
+    Prints each round (when the other balancer had the VIP, the longest time without an SMTP
+    answer, the gap when the VIP moved back), the median and worst gap, and the mail counts: sent,
+    accepted, refused (clients retry those), and in the lab delivered, lost and duplicated.
+    This machine must be allowed to relay. Exit code 1 if any accepted message was lost.
+
+    \b
+    Example:
+      mailstack drill failover -i inventories/lab --mode container --rounds 5
+    """
+    from mailstack.drill import DrillError, drill
+    from mailstack.smoke import smtp_port
+
+    inv = load(inventory)
+    first = inv.hosts()[0]
+    sender = sender or inv.value(first, "mailstack_smoke_sender", None)
+    recipient = recipient or inv.value(first, "mailstack_smoke_recipient", None)
+    if not sender or not recipient:
+        raise click.ClickException("no sender or recipient: pass --sender/--recipient or set "
+                                   "mailstack_smoke_sender/mailstack_smoke_recipient in the inventory")
+    log = (lambda text: click.echo(text, err=True)) if as_json else click.echo
+    try:
+        report = drill(inv, vip, mode, rounds, port or smtp_port(inv), sender, recipient, interval, settle, log)
+    except DrillError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(f"VIP {report['vip']}, {mode}, {len(report['rounds'])} round(s): time without an SMTP answer "
+                   f"median {report['gap_median']}s, worst {report['gap_worst']}s")
+        line = f"mail: sent {report['sent']}, accepted {report['accepted']}, refused {report['refused']}"
+        if report["delivery_checked"]:
+            line += (f", delivered {report['delivered']}, lost {report['lost']}, "
+                     f"duplicated {report['duplicated']}")
+        else:
+            line += " (delivery not checked: the inventory has no lab sink)"
+        click.echo(line)
+    sys.exit(1 if report["lost"] else 0)
+
+
+# ---------------------------------------------------------------- bench
+
+@main.command("bench")
+@click.option("-i", "--inventory", required=True, help=INVENTORY_HELP)
+@click.option("--client", default="app1", show_default=True,
+              help="Inventory host that runs smtp-source; it must be inside the relay networks.")
+@click.option("--relay", help="The relay of the direct runs [the first of mail_relays].")
+@click.option("--vip", help="The VIP of the runs through the balancers [the first VIP].")
+@click.option("--rounds", default=5, show_default=True, help="Rounds; each sends direct and through the VIP, "
+              "in alternating order.")
+@click.option("--count", default=5000, show_default=True, help="Messages per run.")
+@click.option("--sessions", default=20, show_default=True, help="Parallel SMTP sessions.")
+@click.option("--size", default=5000, show_default=True, help="Message size in bytes.")
+@click.option("--sender", default="bench@app.lab.test", show_default=True, help="Envelope sender.")
+@click.option("--recipient", default="bench@example.net", show_default=True, help="Recipient.")
+@click.option("--json", "as_json", is_flag=True, help="Print every run and the summary as JSON.")
+def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, rounds: int, count: int,
+              sessions: int, size: int, sender: str, recipient: str, as_json: bool) -> None:
+    """Throughput with Postfix's smtp-source: the same load (a) straight to one relay and (b) through a
+    VIP to all relays, interleaved over several rounds; prints messages per second for each, their
+    ratio, and the share of the sessions each relay got through the VIP.
+
+    A run is timed from smtp-source's start until the relay (or the balancer) accepted every
+    message; queues are emptied between runs. In the lab the recording sink is swapped for
+    Postfix's smtp-sink during the bench so the relays' onward delivery keeps up. Everything runs
+    on one machine: the load generator, balancers, relays and sink share its CPUs, which limits
+    the figures; compare the ratio, not the rates, across machines. Against staging, every message
+    is delivered onward to wherever the relays send.
+
+    \b
+    Example:
+      mailstack bench -i inventories/lab --rounds 5 --count 5000 --sessions 20 --size 5000
+    """
+    from mailstack.bench import BenchError, bench
+
+    log = (lambda text: click.echo(text, err=True)) if as_json else click.echo
+    try:
+        report = bench(load(inventory), client, relay, vip, rounds, count, sessions, size, sender, recipient, log)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"direct to {report['relay']}: median {report['direct_median']} msg/s; through VIP {report['vip']}: "
+               f"median {report['vip_median']} msg/s; ratio {report['ratio_of_medians']} "
+               f"(median of per-round ratios {report['ratio_median_per_round']})")
+    click.echo("share of the sessions through the VIP: "
+               + ", ".join(f"{r} {p} %" for r, p in report["vip_share_percent"].items()))
+    click.echo(f"({report['cpus']} CPUs shared by the load generator, balancers, relays and sink)")
+
+
 # ---------------------------------------------------------------- lab
 
 @main.group("lab")

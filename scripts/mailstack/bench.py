@@ -1,0 +1,150 @@
+"""`mailstack bench`: the tier's throughput with Postfix's own load generator, the same load sent
+(a) straight to one relay and (b) through a VIP to all relays, interleaved over several rounds.
+
+It prints figures; it is not a test and has no time limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import statistics
+import subprocess
+import time
+
+from mailstack.drill import Hosts, vips_of
+from mailstack.inventory import Inventory
+from mailstack.testbench import podman_env
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Run:
+    round: int
+    target: str  # "direct" or "vip"
+    address: str
+    messages: int
+    seconds: float
+    sessions_per_relay: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "messages_per_second": round(self.rate, 1)}
+
+
+def server_sessions(hosts: Hosts, balancers: list[str], socket: str) -> collections.Counter:
+    """Sessions each relay has had, summed over the balancers' backends (HAProxy's stot)."""
+    total: collections.Counter = collections.Counter()
+    for lb in balancers:
+        proc = hosts.run(lb, f"echo 'show stat' | socat stdio {socket}")
+        for line in proc.stdout.splitlines():
+            fields = line.split(",")
+            if len(fields) > 8 and fields[1] not in ("FRONTEND", "BACKEND", "svname") and not line.startswith("#"):
+                total[fields[1]] += int(fields[7] or 0)
+    return total
+
+
+def queue_size(hosts: Hosts, inv: Inventory, relay: str) -> int:
+    command = "exim -bpc" if "exim_relays" in inv.groups_of(relay) else "postqueue -j | wc -l"
+    out = hosts.run(relay, command).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
+def wait_queues_empty(hosts: Hosts, inv: Inventory, relays: list[str], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        sizes = {r: queue_size(hosts, inv, r) for r in relays}
+        if not any(sizes.values()):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"relay queues did not empty in {timeout:.0f}s: {sizes}")
+        for r in relays:
+            if sizes[r]:
+                hosts.run(r, "exim -qf" if "exim_relays" in inv.groups_of(r) else "postqueue -f")
+        time.sleep(1)
+
+
+class FastSink:
+    """In the lab, swap the recording sink for Postfix's smtp-sink while the bench runs, so that the
+    relays' onward delivery is not held back by a Python sink; the recording sink comes back after."""
+
+    def __init__(self, hosts: Hosts, sink: str | None):
+        self.hosts, self.sink = hosts, sink
+
+    def __enter__(self):
+        if self.sink:
+            self.hosts.run(self.sink, "systemctl stop mailsink")
+            container = self.hosts.container(self.sink)
+            subprocess.run(["podman", "exec", "--detach", container, "smtp-sink", "-u", "nobody", ":25", "1000"],
+                           check=True, capture_output=True, env=podman_env())
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        if self.sink:
+            self.hosts.run(self.sink, "pkill -x smtp-sink; sleep 0.5; systemctl start mailsink")
+
+
+def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, rounds: int, count: int,
+          sessions: int, size: int, sender: str, recipient: str, log=print) -> dict:
+    hosts = Hosts(inv)
+    balancers = inv.hosts("balancers")
+    relays = inv.hosts("mail_relays")
+    if client not in inv.hosts():
+        raise BenchError(f"--client {client} is not a host of the inventory")
+    if hosts.run(client, "command -v smtp-source").returncode != 0:
+        raise BenchError(f"{client} has no smtp-source (Debian package postfix)")
+    relay = relay or relays[0]
+    if relay not in relays:
+        raise BenchError(f"--relay {relay} is not in mail_relays")
+    vip = vip or vips_of(inv)[0][0]
+    relay_address = inv.value(relay, "mailstack_service_address")
+    socket = inv.value(balancers[0], "haproxy_runtime_socket", "/run/haproxy/admin.sock")
+    sinks = [h for h in inv.hosts("sinks") if hosts.container(h)]
+    runs: list[Run] = []
+    with FastSink(hosts, sinks[0] if sinks else None):
+        wait_queues_empty(hosts, inv, relays)
+        for number in range(1, rounds + 1):
+            order = ["direct", "vip"] if number % 2 else ["vip", "direct"]
+            for target in order:
+                address = relay_address if target == "direct" else vip
+                before = server_sessions(hosts, balancers, socket)
+                command = (f"s=$(date +%s.%N); smtp-source -s {sessions} -l {size} -m {count} "
+                           f"-f {sender} -t {recipient} {address}:25 || exit $?; e=$(date +%s.%N); "
+                           "echo \"$s $e\"")
+                proc = hosts.run(client, command, timeout=1800)
+                if proc.returncode != 0:
+                    raise BenchError(f"smtp-source to {address} failed: {(proc.stderr or proc.stdout)[-400:]}")
+                start, end = map(float, proc.stdout.split()[-2:])
+                after = server_sessions(hosts, balancers, socket)
+                shares = {r: after[r] - before[r] for r in relays} if target == "vip" else {relay: count}
+                run = Run(number, target, address, count, round(end - start, 3), shares)
+                runs.append(run)
+                log(f"round {number} {target:<6} {address:<15} {count} messages in {run.seconds:.2f}s = "
+                    f"{run.rate:.0f} msg/s")
+                wait_queues_empty(hosts, inv, relays)
+    direct = [r.rate for r in runs if r.target == "direct"]
+    via = [r.rate for r in runs if r.target == "vip"]
+    pairs = [v.rate / d.rate for d, v in zip([r for r in runs if r.target == "direct"],
+                                             [r for r in runs if r.target == "vip"]) if d.rate]
+    sessions_total: collections.Counter = collections.Counter()
+    for r in runs:
+        if r.target == "vip":
+            sessions_total.update(r.sessions_per_relay)
+    all_vip = sum(sessions_total.values())
+    return {
+        "client": client, "relay": relay, "vip": vip, "rounds": rounds, "count": count, "sessions": sessions,
+        "size": size, "cpus": os.cpu_count(), "runs": [r.as_dict() for r in runs],
+        "direct_median": round(statistics.median(direct), 1), "vip_median": round(statistics.median(via), 1),
+        "ratio_of_medians": round(statistics.median(via) / statistics.median(direct), 3),
+        "ratio_median_per_round": round(statistics.median(pairs), 3) if pairs else None,
+        "vip_share_percent": {r: round(100.0 * n / all_vip, 1) if all_vip else 0.0
+                              for r, n in sessions_total.items()},
+    }
