@@ -120,10 +120,12 @@ def relay_pids(lab_exec) -> dict[str, str]:
     pids = {}
     for relay in inv.hosts("mail_relays"):
         unit = "exim4" if "exim_relays" in inv.groups_of(relay) else "postfix"
-        if unit == "postfix":  # postfix.service is a oneshot; the master process is what restarts
+        # Both units are wrappers (postfix.service a oneshot, exim4.service a SysV script): the
+        # daemons' own pid files say whether the MTA really restarted.
+        if unit == "postfix":
             command = "cat /var/spool/postfix/pid/master.pid"
         else:
-            command = "systemctl show -p MainPID --value exim4"
+            command = "cat /run/exim4/exim.pid"
         pids[relay] = lab_exec(inv.value(relay, "ansible_host"), command).stdout.strip()
     return pids
 

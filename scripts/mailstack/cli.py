@@ -115,8 +115,8 @@ def weights_table(inv: Inventory) -> list[dict]:
 def weights_cmd(inventory: str, as_json: bool) -> None:
     """The relays behind each HAProxy backend, their weights and their share of new sessions.
 
-    A relay's share is its weight over the sum of the weights (roundrobin and leastconn both
-    follow it over many sessions); weight 0 means drained.
+    A relay's share is its weight over the sum of the weights: of new sessions with roundrobin,
+    of concurrent sessions with leastconn; weight 0 means drained.
 
     \b
     Example:
