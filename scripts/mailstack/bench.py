@@ -71,6 +71,34 @@ def wait_queues_empty(hosts: Hosts, inv: Inventory, relays: list[str], timeout: 
         time.sleep(1)
 
 
+class Pool:
+    """Drain, on every balancer, the relays that are not in the pool while the bench runs; put them
+    back (state ready) afterwards, whatever happens."""
+
+    def __init__(self, hosts: Hosts, balancers: list[str], socket: str, out: list[str]):
+        self.hosts, self.balancers, self.socket, self.out = hosts, balancers, socket, out
+
+    def _set(self, state: str) -> None:
+        for lb in self.balancers:
+            stat = self.hosts.run(lb, f"echo 'show stat' | socat stdio {self.socket}").stdout
+            for line in stat.splitlines():
+                fields = line.split(",")
+                if len(fields) > 2 and fields[1] in self.out:
+                    proc = self.hosts.run(lb, f"echo 'set server {fields[0]}/{fields[1]} state {state}' "
+                                              f"| socat stdio {self.socket}")
+                    if proc.returncode != 0 or proc.stdout.strip():
+                        raise BenchError(f"{lb}: could not set {fields[1]} to {state}: {proc.stdout.strip()}")
+
+    def __enter__(self):
+        if self.out:
+            self._set("drain")
+        return self
+
+    def __exit__(self, *exc):
+        if self.out:
+            self._set("ready")
+
+
 class FastSink:
     """In the lab, swap the recording sink for Postfix's smtp-sink while the bench runs, so that the
     relays' onward delivery is not held back by a Python sink; the recording sink comes back after."""
@@ -93,7 +121,7 @@ class FastSink:
 
 
 def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, rounds: int, count: int,
-          sessions: int, size: int, sender: str, recipient: str, log=print) -> dict:
+          sessions: int, size: int, sender: str, recipient: str, log=print, pool: list[str] | None = None) -> dict:
     hosts = Hosts(inv)
     balancers = inv.hosts("balancers")
     relays = inv.hosts("mail_relays")
@@ -108,8 +136,12 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
     relay_address = inv.value(relay, "mailstack_service_address")
     socket = inv.value(balancers[0], "haproxy_runtime_socket", "/run/haproxy/admin.sock")
     sinks = [h for h in inv.hosts("sinks") if hosts.container(h)]
+    unknown = sorted(set(pool or []) - set(relays))
+    if unknown:
+        raise BenchError(f"--pool {', '.join(unknown)}: not in mail_relays")
+    out = [r for r in relays if pool and r not in pool]
     runs: list[Run] = []
-    with FastSink(hosts, sinks[0] if sinks else None):
+    with FastSink(hosts, sinks[0] if sinks else None), Pool(hosts, balancers, socket, out):
         wait_queues_empty(hosts, inv, relays)
         for number in range(1, rounds + 1):
             order = ["direct", "vip"] if number % 2 else ["vip", "direct"]
@@ -140,7 +172,7 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
             sessions_total.update(r.sessions_per_relay)
     all_vip = sum(sessions_total.values())
     return {
-        "client": client, "relay": relay, "vip": vip, "rounds": rounds, "count": count, "sessions": sessions,
+        "client": client, "relay": relay, "vip": vip, "pool": [r for r in relays if r not in out], "rounds": rounds, "count": count, "sessions": sessions,
         "size": size, "cpus": os.cpu_count(), "runs": [r.as_dict() for r in runs],
         "direct_median": round(statistics.median(direct), 1), "vip_median": round(statistics.median(via), 1),
         "ratio_of_medians": round(statistics.median(via) / statistics.median(direct), 3),

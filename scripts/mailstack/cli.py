@@ -290,6 +290,8 @@ def drill_failover_cmd(inventory: str, vip: str | None, mode: str, rounds: int, 
               help="Inventory host that runs smtp-source; it must be inside the relay networks.")
 @click.option("--relay", help="The relay of the direct runs [the first of mail_relays].")
 @click.option("--vip", help="The VIP of the runs through the balancers [the first VIP].")
+@click.option("--pool", multiple=True, help="Only these relays behind the VIP (repeatable); the others are "
+              "drained on every balancer during the bench and put back after [all relays].")
 @click.option("--rounds", default=5, show_default=True, help="Rounds; each sends direct and through the VIP, "
               "in alternating order.")
 @click.option("--count", default=5000, show_default=True, help="Messages per run.")
@@ -298,8 +300,8 @@ def drill_failover_cmd(inventory: str, vip: str | None, mode: str, rounds: int, 
 @click.option("--sender", default="bench@app.lab.test", show_default=True, help="Envelope sender.")
 @click.option("--recipient", default="bench@example.net", show_default=True, help="Recipient.")
 @click.option("--json", "as_json", is_flag=True, help="Print every run and the summary as JSON.")
-def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, rounds: int, count: int,
-              sessions: int, size: int, sender: str, recipient: str, as_json: bool) -> None:
+def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, pool: tuple[str, ...], rounds: int,
+              count: int, sessions: int, size: int, sender: str, recipient: str, as_json: bool) -> None:
     """Throughput with Postfix's smtp-source: the same load (a) straight to one relay and (b) through a
     VIP to all relays, interleaved over several rounds; prints messages per second for each, their
     ratio, and the share of the sessions each relay got through the VIP.
@@ -314,17 +316,20 @@ def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, r
     \b
     Example:
       mailstack bench -i inventories/lab --rounds 5 --count 5000 --sessions 20 --size 5000
+      mailstack bench -i inventories/lab --pool relay1 --pool relay2     # the Postfix relays only
     """
     from mailstack.bench import BenchError, bench
 
     log = (lambda text: click.echo(text, err=True)) if as_json else click.echo
     try:
-        report = bench(load(inventory), client, relay, vip, rounds, count, sessions, size, sender, recipient, log)
+        report = bench(load(inventory), client, relay, vip, rounds, count, sessions, size, sender, recipient, log,
+                       list(pool))
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         emit_json(report)
         return
+    click.echo(f"pool behind the VIP: {', '.join(report['pool'])}")
     click.echo(f"direct to {report['relay']}: median {report['direct_median']} msg/s; through VIP {report['vip']}: "
                f"median {report['vip_median']} msg/s; ratio {report['ratio_of_medians']} "
                f"(median of per-round ratios {report['ratio_median_per_round']})")
