@@ -298,6 +298,14 @@ class Checker:
                  "vips": [vip], "master": members[i % max(len(members), 1)] if members else ""}
                 for i, vip in enumerate(vips)]
 
+    def vips(self) -> list[tuple[str, str, str]]:
+        """(VIP address, preferred balancer, VRRP instance) of every VIP of the balancers."""
+        balancers = self.inv.hosts("balancers")
+        if not balancers:
+            return []
+        return [(str(ipaddress.ip_interface(str(vip)).ip), inst.get("master"), inst.get("name"))
+                for inst in self.vrrp_instances(balancers[0]) for vip in inst.get("vips") or []]
+
     def check_vrrp(self) -> None:
         r = self.report
         balancers = self.inv.hosts("balancers")
@@ -438,19 +446,15 @@ class Checker:
                     taking.append(h)
             if len(taking) == 1:
                 r.warning("single point of failure: one relay takes traffic (a relay group of one)", taking[0])
-        redis = self.inv.hosts("redis_nodes")
-        if len(redis) == 1:
-            r.warning("single point of failure: one Redis node", redis[0])
-        elif len(redis) > 1 and not any(self.setting(h, "redis", "redis_replication_group", "") for h in redis):
-            r.warning("several Redis nodes but no redis_replication_group: each is on its own, none replicates",
-                      redis[0], "redis_replication_group")
-        rabbit = self.inv.hosts("rabbitmq_nodes")
-        if len(rabbit) == 1:
-            r.warning("single point of failure: one RabbitMQ node", rabbit[0])
-        elif len(rabbit) > 1 and not any(self.setting(h, "rabbitmq", "rabbitmq_cluster_group", "") for h in rabbit):
-            r.warning("several RabbitMQ nodes but no rabbitmq_cluster_group: they do not form a cluster",
-                      rabbit[0], "rabbitmq_cluster_group")
-
+        for group, role, var, name, unjoined in (
+                ("redis_nodes", "redis", "redis_replication_group", "Redis",
+                 "each is on its own, none replicates"),
+                ("rabbitmq_nodes", "rabbitmq", "rabbitmq_cluster_group", "RabbitMQ", "they do not form a cluster")):
+            nodes = self.inv.hosts(group)
+            if len(nodes) == 1:
+                r.warning(f"single point of failure: one {name} node", nodes[0])
+            elif len(nodes) > 1 and not any(self.setting(h, role, var, "") for h in nodes):
+                r.warning(f"several {name} nodes but no {var}: {unjoined}", nodes[0], var)
 
 def check(inventory: Inventory) -> Report:
     return Checker(inventory).run()

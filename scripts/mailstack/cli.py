@@ -21,6 +21,20 @@ def load(inventory: str, vault_password_file: str | None = None) -> Inventory:
         raise click.ClickException(str(exc)) from None
 
 
+def envelope(inv: Inventory, sender: str | None, recipient: str | None) -> tuple[str, str]:
+    """The test messages' sender and recipient: the options, else the inventory's smoke settings."""
+    first = inv.hosts()[0]
+    try:
+        sender = sender or inv.value(first, "mailstack_smoke_sender", None)
+        recipient = recipient or inv.value(first, "mailstack_smoke_recipient", None)
+    except Undefined as exc:
+        raise click.ClickException(str(exc)) from None
+    if not sender or not recipient:
+        raise click.ClickException("no sender or recipient: pass --sender/--recipient or set "
+                                   "mailstack_smoke_sender/mailstack_smoke_recipient in the inventory")
+    return sender, recipient
+
+
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
@@ -173,15 +187,7 @@ def smoke_cmd(inventory: str, sender: str | None, recipient: str | None, vips: t
     from mailstack.smoke import lab_sinks, send_one, smtp_port, vip_addresses, wait_delivered
 
     inv = load(inventory)
-    first = inv.hosts()[0]
-    try:
-        sender = sender or inv.value(first, "mailstack_smoke_sender", None)
-        recipient = recipient or inv.value(first, "mailstack_smoke_recipient", None)
-    except Undefined as exc:
-        raise click.ClickException(str(exc)) from None
-    if not sender or not recipient:
-        raise click.ClickException("no sender or recipient: pass --sender/--recipient or set "
-                                   "mailstack_smoke_sender/mailstack_smoke_recipient in the inventory")
+    sender, recipient = envelope(inv, sender, recipient)
     targets = list(vips) or vip_addresses(inv)
     if not targets:
         raise click.ClickException("the inventory has no VIPs and no balancers to send through")
@@ -256,12 +262,7 @@ def drill_failover_cmd(inventory: str, vip: str | None, mode: str, rounds: int, 
     from mailstack.smoke import smtp_port
 
     inv = load(inventory)
-    first = inv.hosts()[0]
-    sender = sender or inv.value(first, "mailstack_smoke_sender", None)
-    recipient = recipient or inv.value(first, "mailstack_smoke_recipient", None)
-    if not sender or not recipient:
-        raise click.ClickException("no sender or recipient: pass --sender/--recipient or set "
-                                   "mailstack_smoke_sender/mailstack_smoke_recipient in the inventory")
+    sender, recipient = envelope(inv, sender, recipient)
     log = (lambda text: click.echo(text, err=True)) if as_json else click.echo
     try:
         report = drill(inv, vip, mode, rounds, port or smtp_port(inv), sender, recipient, interval, settle, log)

@@ -5,7 +5,6 @@ answer SMTP, send mail all along and count what happened to it, restore the bala
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 import socket
 import statistics
@@ -122,18 +121,14 @@ def wait_until(predicate, timeout: float, every: float = 0.1):
     return None
 
 
-def vips_of(inv: Inventory) -> list[tuple[str, str]]:
-    """(VIP, preferred balancer) for every VIP of the balancers."""
-    balancers = inv.hosts("balancers")
-    if not balancers:
+def vips_of(inv: Inventory) -> list[tuple[str, str, str]]:
+    """(VIP, preferred balancer, VRRP instance) for every VIP of the balancers."""
+    if not inv.hosts("balancers"):
         raise DrillError("the inventory has no balancers")
-    out = []
-    for inst in Checker(inv).vrrp_instances(balancers[0]):
-        for vip in inst.get("vips") or []:
-            out.append((str(ipaddress.ip_interface(str(vip)).ip), inst.get("master")))
-    if not out:
+    vips = Checker(inv).vips()
+    if not vips:
         raise DrillError("the balancers have no VIP")
-    return out
+    return vips
 
 
 def kill(hosts: Hosts, lb: str, mode: str) -> None:
@@ -172,9 +167,9 @@ def drill(inv: Inventory, vip: str | None, mode: str, rounds: int, port: int, se
     balancers = inv.hosts("balancers")
     known = vips_of(inv)
     vip = vip or known[0][0]
-    preferred = dict(known).get(vip)
+    preferred = {v: master for v, master, _ in known}.get(vip)
     if preferred is None:
-        raise DrillError(f"{vip} is not one of the balancers' VIPs ({', '.join(v for v, _ in known)})")
+        raise DrillError(f"{vip} is not one of the balancers' VIPs ({', '.join(v for v, _, _ in known)})")
     if hosts.holders(balancers, vip) != [preferred]:
         raise DrillError(f"VIP {vip} is not on its preferred balancer {preferred} alone before the drill "
                          f"(held by {hosts.holders(balancers, vip)}); fix that first")

@@ -418,14 +418,10 @@ def status(lab: Lab | None = None) -> dict:
 
     vips = []
     lb_names = [h.name for h in lab.in_group("balancers")]
-    if lb_names:
-        for inst in checker.vrrp_instances(lb_names[0]):
-            for vip in inst.get("vips") or []:
-                ip = str(ipaddress.ip_interface(vip).ip)
-                holders = [name for name, addrs in held.items() if ip in addrs]
-                vips.append({"vip": ip, "instance": inst.get("name"), "preferred": inst.get("master"),
-                             "holders": holders, "holder": holders[0] if len(holders) == 1 else None,
-                             "on_preferred": holders == [inst.get("master")]})
+    for ip, preferred, instance in checker.vips():
+        holders = [name for name, addrs in held.items() if ip in addrs]
+        vips.append({"vip": ip, "instance": instance, "preferred": preferred, "holders": holders,
+                     "holder": holders[0] if len(holders) == 1 else None, "on_preferred": holders == [preferred]})
     weight_var = inv.setting(lb_names[0], "haproxy", "haproxy_weight_variable") if lb_names else "mail_relay_weight"
     relay_rows = []
     for h in lab.in_group("mail_relays"):

@@ -5,7 +5,6 @@ proof that it arrived at the sink standing in for the internet.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import smtplib
 import ssl
 import subprocess
@@ -39,15 +38,9 @@ class SmokeResult:
 
 def vip_addresses(inv: Inventory) -> list[str]:
     """Every VIP of the balancers, or the balancers' own addresses when they have none."""
-    balancers = inv.hosts("balancers")
-    if not balancers:
-        return []
     checker = Checker(inv)
-    vips = []
-    for inst in checker.vrrp_instances(balancers[0]):
-        for vip in inst.get("vips") or []:
-            vips.append(str(ipaddress.ip_interface(str(vip)).ip))
-    return vips or [a for a in (checker.address(h) for h in balancers) if a]
+    return [vip for vip, _, _ in checker.vips()] or \
+        [a for a in (checker.address(h) for h in inv.hosts("balancers")) if a]
 
 
 def smtp_port(inv: Inventory) -> int:
