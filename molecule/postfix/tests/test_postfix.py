@@ -6,8 +6,8 @@ import json
 
 import pytest
 from relay_contract import *  # noqa: F401,F403  the shared relay contract runs in this scenario
-from benchlib import code, new_id
-from relay_contract import OUTSIDE_DOMAIN, run_bad_input
+from benchlib import code, converge, new_id, wait_until
+from relay_contract import OUTSIDE_DOMAIN, relayed, run_bad_input
 
 WATCHED = ["/etc/postfix/main.cf", "/etc/postfix/master.cf", "/etc/mailstack/postfix-proxy.nft"]
 
@@ -74,3 +74,26 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] for b in BAD_INPUTS])
 def test_bad_input_fails_naming_the_variable_before_anything_changes(relay, extra_vars, expected):
     run_bad_input(relay, "postfix", WATCHED, extra_vars, expected)
+
+
+def test_turning_the_proxy_listener_off_removes_it_and_its_firewall_and_keeps_relaying(relay, contract, inside, sink):
+    """postfix_proxy_enabled: false takes the PROXY listener, the firewall unit, its drop-in, rules and
+    nftables table away (proxy_firewall with state absent) while Postfix keeps running and port 25
+    keeps relaying (the MTA's unit required the firewall: removing it must not stop the MTA).
+    Keep this test last: it leaves the relay without its PROXY listener (the converge from scratch
+    at the start of the scenario proves turning it on)."""
+    unit = "/etc/systemd/system/mailstack-postfix-proxy-firewall.service"
+    dropin = "/etc/systemd/system/postfix@.service.d/mailstack-proxy-firewall.conf"
+    listening = f"ss -Hltn 'sport = :{contract.proxy_port}' | grep -q LISTEN"
+    proc = converge(relay, "postfix", {"postfix_proxy_enabled": False})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert wait_until(lambda: relay.run(listening, check=False).rc != 0, 20), "the PROXY listener is still open"
+    assert relay.run(f"nft list table inet {contract.firewall_table}", check=False).rc != 0, \
+        "the firewall's nftables table is still loaded"
+    for path in (unit, dropin, "/etc/mailstack/postfix-proxy.nft"):
+        assert relay.run(f"test -e {path}", check=False).rc != 0, f"{path} is still there"
+    assert "mailstack-proxy-firewall" not in relay.run("systemctl show -p Requires postfix@-.service").stdout
+    assert relay.run("systemctl is-active postfix@-.service", check=False).stdout.strip() == "active"
+    test_id = new_id("proxy-off")
+    assert relayed(inside.probe(relay.ip, to=[f"someone@{OUTSIDE_DOMAIN}"], id=test_id))
+    assert sink.wait_for(test_id), "port 25 stopped relaying when the PROXY listener went away"

@@ -125,15 +125,20 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.5):
         time.sleep(interval)
 
 
+def converge(node: Node, scenario: str, extra_vars: dict | None = None, timeout: float = 300):
+    """Run the scenario's converge playbook on one node, as `molecule converge` would, with extra vars."""
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
+    return subprocess.run(
+        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / f"molecule/{scenario}/converge.yml"),
+         "--limit", node.name, "-e", json.dumps(extra_vars or {})],
+        capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def run_bad_input(node: Node, scenario: str, watched_files: list[str], extra_vars: dict, expected: list[str]):
     """Converge node with bad extra vars: it must fail naming the problem, and change nothing."""
     files = " ".join(watched_files)
     before = node.run(f"sha256sum {files}").stdout
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
-    proc = subprocess.run(
-        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / f"molecule/{scenario}/converge.yml"),
-         "--limit", node.name, "-e", json.dumps(extra_vars)],
-        capture_output=True, text=True, env=env, timeout=300)
+    proc = converge(node, scenario, extra_vars)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     for text in expected:
