@@ -6,6 +6,7 @@ import os
 import shlex
 import statistics
 import subprocess
+import threading
 import time
 from collections import Counter
 
@@ -75,7 +76,7 @@ def test_mail_through_the_vip_is_delivered_and_relays_see_the_real_client(balanc
 def test_traffic_shares_follow_the_weights(balancers, relays, inside, sink):
     weights = {r.name: r.vars["mail_relay_weight"] for r in relays}
     total = sum(weights.values())
-    n = 500
+    n = 200  # weighted round robin is exact over whole cycles of the weights' sum
     test_id = new_id("shares")
     report = send_sessions(inside, vip(balancers, 0), n, test_id)
     assert len(report["accepted"]) == n, report
@@ -139,6 +140,138 @@ def test_drained_relay_weight_zero_gets_no_new_sessions(balancers, relays, insid
         for lb in balancers:
             lb.run(f"echo 'set server be_smtp/{relay.name} weight {relay.vars['mail_relay_weight']}' "
                    f"| socat stdio {sock}")
+
+
+# ---------------------------------------------------------------- rolling maintenance
+
+
+def run_maintenance(limit, extra_vars=None, timeout=600):
+    """playbooks/relay_maintenance.yml against this scenario's inventory, as an operator runs it."""
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
+    command = ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / "playbooks/relay_maintenance.yml"),
+               "--limit", limit]
+    if extra_vars:
+        command += ["-e", json.dumps(extra_vars)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def statuses(lb, backend="be_smtp"):
+    """{server: status} as HAProxy's `show stat` prints it (UP, DRAIN, DOWN, MAINT...)."""
+    text = lb.run(f"echo 'show stat' | socat stdio {lb.vars['haproxy_runtime_socket']}").stdout
+    return {f[1]: f[17] for f in (line.split(",") for line in text.splitlines())
+            if len(f) > 17 and f[0] == backend and f[1] not in ("FRONTEND", "BACKEND")}
+
+
+def mta_pid(relay):
+    pidfile = "/var/spool/postfix/pid/master.pid" if relay.mta == "postfix" else "/run/exim4/exim.pid"
+    return relay.run(f"cat {pidfile}").stdout.strip()
+
+
+class StatusRecorder(threading.Thread):
+    """Records every balancer's view of the relays while something else runs."""
+
+    def __init__(self, balancers):
+        super().__init__(daemon=True)
+        self.balancers, self.seen, self.done = balancers, [], threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.seen.append({lb.name: statuses(lb) for lb in self.balancers})
+            time.sleep(0.3)
+
+    def stop(self):
+        self.done.set()
+        self.join(timeout=10)
+
+
+def test_rolling_maintenance_under_traffic_refuses_and_loses_nothing(balancers, relays, inside, sink):
+    """relay_maintenance on a Postfix and the Exim relay while mail flows through the VIP: each is
+    drained on both balancers in turn, restarted and put back; no session is refused and every
+    accepted message is delivered once."""
+    maintained = [r for r in relays if r.mta == "postfix"][-1:] + [r for r in relays if r.mta == "exim"]
+    untouched = [r for r in relays if r not in maintained]
+    pids = {r.name: mta_pid(r) for r in maintained}
+    test_id = new_id("maintenance")
+    background(inside, f"smtpprobe --host {vip(balancers, 0)} --to someone@{OUTSIDE} --sessions 250 "
+               f"--interval 0.1 --timeout 10 --id {test_id}", "/tmp/maintenance.json")
+    recorder = StatusRecorder(balancers)
+    recorder.start()
+    try:
+        started = time.monotonic()
+        proc = run_maintenance(",".join(r.name for r in maintained))
+        took = time.monotonic() - started
+    finally:
+        recorder.stop()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    sent = wait_json(inside, "/tmp/maintenance.json", 180)
+    accepted = sent["accepted"]
+    delivered = Counter(m["x_test_id"] for m in sink.wait_for(test_id, count=len(accepted), timeout=120))
+    lost = [i for i in accepted if not delivered.get(i)]
+    duplicated = [i for i, n in delivered.items() if n > 1]
+    print(f"\nMEASURED relay_maintenance of {', '.join(pids)} in {took:.0f}s under traffic through the VIP: "
+          f"{sent['sessions']} sessions, {len(accepted)} accepted, {len(sent['failed'])} refused or failed, "
+          f"{sum(delivered.values())} delivered, {len(lost)} lost, {len(duplicated)} duplicated")
+    assert sent["failed"] == [] and len(accepted) == sent["sessions"], sent["failed"][:5]
+    assert lost == [] and duplicated == [], (lost[:5], duplicated[:5])
+    for relay in maintained:
+        assert mta_pid(relay) != pids[relay.name], f"{relay.name}'s MTA was not restarted"
+        for lb in balancers:
+            assert any(s[lb.name].get(relay.name) == "DRAIN" for s in recorder.seen), \
+                f"{relay.name} was never seen drained on {lb.name}"
+    for relay in untouched:
+        assert all(s[lb.name][relay.name] == "UP" for s in recorder.seen for lb in balancers), \
+            f"{relay.name} was touched although it was not in --limit"
+    for lb in balancers:
+        assert set(statuses(lb).values()) == {"UP"}, statuses(lb)
+        assert {name: w for name, (_, w) in servers(lb).items()} == \
+            {r.name: r.vars["mail_relay_weight"] for r in relays}, servers(lb)
+
+
+def test_a_relay_whose_queue_does_not_empty_stops_the_run_and_stays_drained(balancers, relays, inside, sink):
+    """With the sink down the relay cannot empty its queue: the run stops with a message naming the
+    relay and the timeout, the relay stays drained on both balancers and was not restarted, and the
+    queued mail is delivered once the sink is back; running the playbook again finishes the job."""
+    relay = relays[0]
+    pid = mta_pid(relay)
+    test_id = new_id("stuck")
+    sink.run("systemctl stop mailsink")
+    try:
+        report = inside.probe(relay.ip, to=[f"someone@{OUTSIDE}"], id=test_id)
+        assert code(report["messages"][0].get("data")) == 250, report
+        proc = run_maintenance(relay.name, {"relay_maintenance_queue_timeout": 6})
+        output = " ".join((proc.stdout + proc.stderr).split())  # the YAML callback folds long messages
+        assert proc.returncode != 0, output[-3000:]
+        assert f"{relay.name}: 1 message(s) still queued after relay_maintenance_queue_timeout (6 s)" in output, \
+            output[-3000:]
+        assert "--limit " + relay.name in output
+        for lb in balancers:
+            assert statuses(lb)[relay.name] == "DRAIN", statuses(lb)
+        assert mta_pid(relay) == pid, "the MTA was restarted although its queue was not empty"
+    finally:
+        sink.run("systemctl start mailsink")
+    assert wait_until(lambda: inside.probe(sink.ip, to=[f"someone@{OUTSIDE}"], no_data=True)["connected"], 30, 0.5), "the sink did not come back"
+    relay.run("postqueue -f")
+    assert len(sink.wait_for(test_id, count=1, timeout=60)) == 1, "the queued message was not delivered"
+    proc = run_maintenance(relay.name, {"relay_maintenance_restart": False})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for lb in balancers:
+        assert statuses(lb)[relay.name] == "UP", statuses(lb)
+
+
+@pytest.mark.parametrize("extra_vars,expected", [
+    ({"relay_maintenance_queue_timeout": 0}, "relay_maintenance_queue_timeout must be a whole number of seconds"),
+    ({"relay_maintenance_balancer_group": "nosuchgroup"}, "relay_maintenance_balancer_group is \"nosuchgroup\""),
+], ids=["queue_timeout", "balancer_group"])
+def test_bad_maintenance_input_fails_naming_the_variable_before_any_relay_is_drained(balancers, relays,
+                                                                                    extra_vars, expected):
+    proc = run_maintenance("mail_relays", extra_vars)
+    output = " ".join((proc.stdout + proc.stderr).split())  # the YAML callback folds long messages
+    assert proc.returncode != 0, output[-2000:]
+    assert expected in output, output[-3000:]
+    assert "changed=0" in output and "changed=1" not in output, output[-2000:]
+    for lb in balancers:
+        assert set(statuses(lb).values()) == {"UP"}, statuses(lb)
 
 
 # ---------------------------------------------------------------- no open relay
@@ -239,7 +372,9 @@ def failover_once(balancers, inside, sink, kill_command, label):
 
 @pytest.mark.parametrize("target", ["haproxy", "keepalived"])
 def test_killing_a_daemon_on_the_master_moves_the_vip_and_loses_no_mail(balancers, inside, sink, target):
-    runs = 3 if target == "haproxy" else 1
+    # Repeated failovers with figures are `mailstack drill failover`'s job (the lab proof); here two
+    # rounds show that the VIP comes back and moves again.
+    runs = 2 if target == "haproxy" else 1
     results = [failover_once(balancers, inside, sink, f"pkill -KILL -x {target}", target) for _ in range(runs)]
     gaps = [r["gap"] for r in results]
     print(f"\nMEASURED SIGKILL {target} on the master, {runs} run(s): VIP unreachable for "
