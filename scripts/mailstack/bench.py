@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from mailstack.drill import Hosts, vips_of
 from mailstack.inventory import Inventory
@@ -30,6 +31,7 @@ class Run:
     messages: int
     seconds: float
     sessions_per_relay: dict[str, int]
+    cpu_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -49,6 +51,39 @@ def server_sessions(hosts: Hosts, balancers: list[str], socket: str) -> collecti
             if len(fields) > 8 and fields[1] not in ("FRONTEND", "BACKEND", "svname") and not line.startswith("#"):
                 total[fields[1]] += int(fields[7] or 0)
     return total
+
+
+# CPU time a host has used, in nanoseconds: its own cgroup when it is a container (cgroup v2 or v1),
+# the whole machine's /proc/stat otherwise (USER_HZ ticks of 10 ms).
+CPU_USAGE = ("if [ -r /sys/fs/cgroup/cpu.stat ]; then awk '/^usage_usec/ {printf \"%.0f\\n\", $2 * 1000}' "
+             "/sys/fs/cgroup/cpu.stat; elif [ -r /sys/fs/cgroup/cpuacct/cpuacct.usage ]; then "
+             "cat /sys/fs/cgroup/cpuacct/cpuacct.usage; else awk '/^cpu / {printf \"%.0f\\n\", "
+             "($2 + $3 + $4 + $7 + $8) * 10000000}' /proc/stat; fi")
+
+
+def cpu_usage(hosts: Hosts, names: list[str]) -> dict[str, int]:
+    """Nanoseconds of CPU each host has used so far (read at once on all hosts)."""
+    def one(host: str) -> int:
+        out = hosts.run(host, CPU_USAGE).stdout.strip().splitlines()
+        return int(out[-1].split()[-1]) if out and out[-1].split()[-1].isdigit() else 0
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def cpu_profile(runs: list[Run], roles: dict[str, str], target: str) -> dict:
+    """Median CPU milliseconds per message for each kind of host, and how busy the machine's CPUs
+    were (only meaningful when every host is a container on this machine, as in the lab)."""
+    picked = [r for r in runs if r.target == target and r.cpu_seconds]
+    if not picked:
+        return {}
+    per_role = {}
+    for role in sorted(set(roles.values())):
+        per_role[role] = round(statistics.median(
+            1000.0 * sum(s for h, s in r.cpu_seconds.items() if roles[h] == role) / r.messages for r in picked), 3)
+    busy = statistics.median(sum(r.cpu_seconds.values()) / (r.seconds * (os.cpu_count() or 1)) for r in picked)
+    return {"cpu_ms_per_message": per_role,
+            "cpu_ms_per_message_total": round(sum(per_role.values()), 3),
+            "machine_busy_percent": round(100.0 * busy, 1)}
 
 
 def queue_size(hosts: Hosts, inv: Inventory, relay: str) -> int:
@@ -140,6 +175,8 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
     if unknown:
         raise BenchError(f"--pool {', '.join(unknown)}: not in mail_relays")
     out = [r for r in relays if pool and r not in pool]
+    roles = {client: "client", **{b: "balancers" for b in balancers}, **{r: "relays" for r in relays},
+             **{s: "sink" for s in sinks}}
     runs: list[Run] = []
     with FastSink(hosts, sinks[0] if sinks else None), Pool(hosts, balancers, socket, out):
         wait_queues_empty(hosts, inv, relays)
@@ -148,6 +185,7 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
             for target in order:
                 address = relay_address if target == "direct" else vip
                 before = server_sessions(hosts, balancers, socket)
+                cpu_before = cpu_usage(hosts, list(roles))
                 command = (f"s=$(date +%s.%N); smtp-source -s {sessions} -l {size} -m {count} "
                            f"-f {sender} -t {recipient} {address}:25 || exit $?; e=$(date +%s.%N); "
                            "echo \"$s $e\"")
@@ -155,12 +193,14 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
                 if proc.returncode != 0:
                     raise BenchError(f"smtp-source to {address} failed: {(proc.stderr or proc.stdout)[-400:]}")
                 start, end = map(float, proc.stdout.split()[-2:])
+                cpu_after = cpu_usage(hosts, list(roles))
                 after = server_sessions(hosts, balancers, socket)
                 shares = {r: after[r] - before[r] for r in relays} if target == "vip" else {relay: count}
-                run = Run(number, target, address, count, round(end - start, 3), shares)
+                cpu = {h: round((cpu_after[h] - cpu_before[h]) / 1e9, 3) for h in roles}
+                run = Run(number, target, address, count, round(end - start, 3), shares, cpu)
                 runs.append(run)
                 log(f"round {number} {target:<6} {address:<15} {count} messages in {run.seconds:.2f}s = "
-                    f"{run.rate:.0f} msg/s")
+                    f"{run.rate:.0f} msg/s; CPU s: " + " ".join(f"{h} {c:.1f}" for h, c in cpu.items()))
                 wait_queues_empty(hosts, inv, relays)
     direct = [r.rate for r in runs if r.target == "direct"]
     via = [r.rate for r in runs if r.target == "vip"]
@@ -179,4 +219,6 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
         "ratio_median_per_round": round(statistics.median(pairs), 3) if pairs else None,
         "vip_share_percent": {r: round(100.0 * n / all_vip, 1) if all_vip else 0.0
                               for r, n in sessions_total.items()},
+        "cpu": {"direct": cpu_profile(runs, roles, "direct"), "vip": cpu_profile(runs, roles, "vip")},
+        "all_hosts_on_this_machine": all(hosts.container(h) for h in roles),
     }

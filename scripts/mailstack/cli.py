@@ -336,7 +336,15 @@ def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, p
                f"(median of per-round ratios {report['ratio_median_per_round']})")
     click.echo("share of the sessions through the VIP: "
                + ", ".join(f"{r} {p} %" for r, p in report["vip_share_percent"].items()))
-    click.echo(f"({report['cpus']} CPUs shared by the load generator, balancers, relays and sink)")
+    for target in ("direct", "vip"):
+        cpu = report["cpu"][target]
+        if cpu:
+            busy = (f"; the machine's {report['cpus']} CPUs {cpu['machine_busy_percent']} % busy"
+                    if report["all_hosts_on_this_machine"] else "")
+            click.echo(f"CPU per message {target}: {cpu['cpu_ms_per_message_total']} ms ("
+                       + ", ".join(f"{k} {v}" for k, v in cpu["cpu_ms_per_message"].items()) + f"){busy}")
+    if report["all_hosts_on_this_machine"]:
+        click.echo(f"({report['cpus']} CPUs shared by the load generator, balancers, relays and sink)")
 
 
 # ---------------------------------------------------------------- lab

@@ -42,3 +42,25 @@ def test_sender_counts_a_dead_address_as_refused():
     sender.stop()
     assert sender.results and not sender.accepted
     assert "ConnectionRefusedError" in sender.refused[0].detail
+
+
+def test_bench_cpu_profile_gives_milliseconds_per_message_by_kind_of_host(monkeypatch):
+    from mailstack import bench
+
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    roles = {"app1": "client", "lb1": "balancers", "relay1": "relays", "relay2": "relays", "sink": "sink"}
+    runs = [
+        bench.Run(1, "vip", "10.0.0.200", 1000, 2.0, {}, {"app1": 0.3, "lb1": 0.8, "relay1": 1.2, "relay2": 1.3,
+                                                          "sink": 0.2}),
+        bench.Run(2, "vip", "10.0.0.200", 1000, 4.0, {}, {"app1": 0.3, "lb1": 1.0, "relay1": 1.5, "relay2": 1.5,
+                                                          "sink": 0.2}),
+        bench.Run(1, "direct", "10.0.0.21", 1000, 1.0, {}, {"app1": 0.3, "lb1": 0.0, "relay1": 1.5, "relay2": 0.0,
+                                                            "sink": 0.2}),
+    ]
+    vip = bench.cpu_profile(runs, roles, "vip")
+    assert vip["cpu_ms_per_message"] == {"balancers": 0.9, "client": 0.3, "relays": 2.75, "sink": 0.2}
+    assert vip["cpu_ms_per_message_total"] == 4.15
+    # (3.8 s of CPU in 2 s on 2 CPUs = 95 %, 4.5 s in 4 s = 56.25 %): the median
+    assert vip["machine_busy_percent"] == 75.6
+    assert bench.cpu_profile(runs, roles, "direct")["cpu_ms_per_message"]["relays"] == 1.5
+    assert bench.cpu_profile([], roles, "vip") == {}
