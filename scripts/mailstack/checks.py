@@ -262,7 +262,7 @@ class Checker:
         total = 0
         for host in relays:
             if not self.inv.defines(host, weight_var):
-                r.warning(f"not set: HAProxy gives this relay weight 1; set it (0 to 256) so the share "
+                r.warning("not set: HAProxy gives this relay weight 1; set it (0 to 256) so the share "
                           "is a decision", host, weight_var)
                 total += 1
                 continue

@@ -20,14 +20,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
 from mailstack import testbench
 from mailstack.checks import Checker
 from mailstack.inventory import Inventory, Undefined
-from mailstack.testbench import CACHE, ROOT, BenchError, podman_env
+from mailstack.testbench import CACHE, ROOT, podman_env
 
 LAB_INVENTORY = ROOT / "inventories" / "lab"
 PREPARE = ROOT / "molecule" / "resources" / "playbooks" / "prepare.yml"
