@@ -91,7 +91,7 @@ lab-test: images
 ifeq ($(RUN_LAB),yes)
 	@for d in $(TEST_DISTRO); do \
 	  $(TIMED) "lab test $$d" env PATH="$(CURDIR)/$(BIN):$$PATH" TEST_DISTRO=$$d \
-	    $(BIN)/pytest -q -s -p no:cacheprovider scripts/labtests --distro $$d || exit 1; \
+	    $(BIN)/pytest -q -s -p no:cacheprovider --durations=10 scripts/labtests --distro $$d || exit 1; \
 	done
 endif
 
