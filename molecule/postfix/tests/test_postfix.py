@@ -35,15 +35,10 @@ def test_throttled_transport_settings_are_in_effect(relay):
 
 
 def test_outbound_connections_are_reused(relay, inside, sink):
-    """Messages that follow each other to the relayhost go down the connection the previous one
-    left open. They are spaced (0.5 s, under postfix_connection_cache_time_limit) so that each is
-    delivered before the next arrives: messages that arrive together are delivered in parallel,
-    each on its own connection, which is concurrency, not a missing cache (that made this test
-    depend on the machine's speed)."""
     test_id = new_id("reuse")
     n = 6
-    report = inside.probe(relay.ip, to=[f"someone@{OUTSIDE_DOMAIN}"], id=test_id, sessions=n, interval=0.5)
-    assert len(report["accepted"]) == n, report
+    report = inside.probe(relay.ip, to=[f"someone@{OUTSIDE_DOMAIN}"], id=test_id, count=n)
+    assert all(code(m.get("data")) == 250 for m in report["messages"]), report
     got = sink.wait_for(test_id, count=n)
     assert len(got) == n
     connections = {m["connection"] for m in got}
@@ -81,24 +76,48 @@ def test_bad_input_fails_naming_the_variable_before_anything_changes(relay, extr
     run_bad_input(relay, "postfix", WATCHED, extra_vars, expected)
 
 
+GUARD_DROPINS = "/etc/systemd/system/postfix*.service.d/mailstack-proxy-firewall.conf"
+
+
+def postfix_running(relay) -> bool:
+    return relay.run("postfix status", check=False).rc == 0
+
+
+def test_postfix_does_not_run_without_the_proxy_firewall(relay):
+    """Fail closed: the unit that runs Postfix's master (postfix@-.service on Debian 12,
+    postfix.service on Debian 13) requires the firewall, so stopping the firewall stops Postfix and
+    starting Postfix brings the firewall back first."""
+    unit = "mailstack-postfix-proxy-firewall.service"
+    dropins = relay.run(f"ls {GUARD_DROPINS}", check=False).stdout.split()
+    assert len(dropins) == 1, dropins
+    guarded = "postfix@-.service" if "postfix@.service.d" in dropins[0] else "postfix.service"
+    relay.run(f"systemctl stop {unit}")
+    try:
+        assert wait_until(lambda: not postfix_running(relay), 20), "Postfix runs without its PROXY firewall"
+    finally:
+        relay.run(f"systemctl start {guarded}")
+    assert wait_until(lambda: postfix_running(relay), 20)
+    assert relay.run(f"systemctl is-active {unit}", check=False).stdout.strip() == "active"
+
+
 def test_turning_the_proxy_listener_off_removes_it_and_its_firewall_and_keeps_relaying(relay, contract, inside, sink):
     """postfix_proxy_enabled: false takes the PROXY listener, the firewall unit, its drop-in, rules and
     nftables table away (proxy_firewall with state absent) while Postfix keeps running and port 25
     keeps relaying (the MTA's unit required the firewall: removing it must not stop the MTA).
     Keep this test last: it leaves the relay without its PROXY listener (the converge from scratch
     at the start of the scenario proves turning it on)."""
-    unit = "/etc/systemd/system/mailstack-postfix-proxy-firewall.service"
-    dropin = "/etc/systemd/system/postfix@.service.d/mailstack-proxy-firewall.conf"
     listening = f"ss -Hltn 'sport = :{contract.proxy_port}' | grep -q LISTEN"
     proc = converge(relay, "postfix", {"postfix_proxy_enabled": False})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert wait_until(lambda: relay.run(listening, check=False).rc != 0, 20), "the PROXY listener is still open"
     assert relay.run(f"nft list table inet {contract.firewall_table}", check=False).rc != 0, \
         "the firewall's nftables table is still loaded"
-    for path in (unit, dropin, "/etc/mailstack/postfix-proxy.nft"):
-        assert relay.run(f"test -e {path}", check=False).rc != 0, f"{path} is still there"
-    assert "mailstack-proxy-firewall" not in relay.run("systemctl show -p Requires postfix@-.service").stdout
-    assert relay.run("systemctl is-active postfix@-.service", check=False).stdout.strip() == "active"
+    leftovers = relay.run(f"ls /etc/systemd/system/mailstack-postfix-proxy-firewall.service {GUARD_DROPINS} "
+                          "/etc/mailstack/postfix-proxy.nft 2>/dev/null", check=False).stdout
+    assert leftovers.strip() == "", f"still there: {leftovers}"
+    assert "mailstack-proxy-firewall" not in relay.run(
+        "systemctl show -p Requires postfix.service postfix@-.service").stdout
+    assert postfix_running(relay), "turning PROXY off stopped Postfix"
     test_id = new_id("proxy-off")
     assert relayed(inside.probe(relay.ip, to=[f"someone@{OUTSIDE_DOMAIN}"], id=test_id))
     assert sink.wait_for(test_id), "port 25 stopped relaying when the PROXY listener went away"
