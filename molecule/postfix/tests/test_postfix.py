@@ -35,8 +35,12 @@ def test_throttled_transport_settings_are_in_effect(relay):
 
 
 def test_outbound_connections_are_reused(relay, inside, sink):
+    """A burst to one destination shares connections (Postfix caches them on demand while the
+    destination has a backlog). Six messages sometimes went out on six parallel connections on a
+    fast run, so the burst is twenty. Reuse for messages that arrive seconds apart (the relayhost
+    is in smtp_connection_cache_destinations) was not seen on Debian 13 and is not claimed here."""
     test_id = new_id("reuse")
-    n = 6
+    n = 20
     report = inside.probe(relay.ip, to=[f"someone@{OUTSIDE_DOMAIN}"], id=test_id, count=n)
     assert all(code(m.get("data")) == 250 for m in report["messages"]), report
     got = sink.wait_for(test_id, count=n)
