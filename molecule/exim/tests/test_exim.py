@@ -9,7 +9,7 @@ import shlex
 import pytest
 from benchlib import new_id
 from relay_contract import *  # noqa: F401,F403  the shared relay contract runs in this scenario
-from relay_contract import OUTSIDE_DOMAIN, run_bad_input
+from relay_contract import OUTSIDE_DOMAIN, check_turning_the_proxy_listener_off, run_bad_input
 
 WATCHED = ["/etc/exim4/exim4.conf", "/etc/default/exim4", "/etc/mailstack/exim-proxy.nft"]
 
@@ -152,3 +152,8 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
 def test_bad_input_fails_naming_the_variable_before_anything_changes(relay, extra_vars, expected):
     run_bad_input(relay, "exim", WATCHED, extra_vars, expected)
+
+
+def test_turning_the_proxy_listener_off_removes_it_and_its_firewall_and_keeps_relaying(relay, contract, inside, sink):
+    """Last in this module: it leaves the relay without its PROXY listener."""
+    check_turning_the_proxy_listener_off(relay, contract, inside, sink)

@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from benchlib import Node, code, new_id, run_bad_input, wait_until
+from benchlib import Node, code, converge, new_id, run_bad_input, wait_until
 
 OUTSIDE_DOMAIN = "elsewhere.test"
 
 __all__ = [
     "OUTSIDE_DOMAIN", "RelayContract", "relayed", "run_bad_input", "tls11_server",
+    "check_turning_the_proxy_listener_off",
     "test_mail_from_inside_network_is_relayed_and_delivered",
     "test_relay_refuses_mail_from_outside_networks",
     "test_outside_client_may_send_to_the_domains_the_relay_serves",
@@ -37,6 +38,7 @@ __all__ = [
     "test_balancer_itself_is_not_a_relay_client",
     "test_forged_proxy_header_from_untrusted_host_gets_no_connection",
     "test_proxy_firewall_survives_a_restart_of_nftables",
+    "test_the_mta_does_not_run_without_its_proxy_firewall",
 ]
 
 
@@ -52,18 +54,32 @@ class RelayContract:
     connection_limit: int
     lane_domain: str
     lane_delay: float
-    firewall_table: str
+    mta: str            # the role, the scenario and proxy_firewall_name: postfix or exim
+    guarded_unit: str   # the unit that runs the MTA's daemon, which requires the PROXY firewall
+    running: str        # a command that exits 0 while the MTA's daemon runs (Exim's unit, made
+                        # from its SysV script, stays active when the daemon dies: the listener tells)
+
+    @property
+    def firewall_table(self) -> str:
+        return f"mailstack_{self.mta}_proxy"
+
+    @property
+    def firewall_unit(self) -> str:
+        return f"mailstack-{self.mta}-proxy-firewall.service"
 
     @classmethod
     def for_postfix(cls, relay: Node) -> "RelayContract":
         v = relay.vars
         lane = v["postfix_throttled_transports"][0]
+        # Debian 12 runs the master as the instance postfix@-.service, Debian 13 as postfix.service.
+        instance = relay.run("test -d /etc/systemd/system/postfix@.service.d", check=False).rc == 0
         return cls(hostname=v["postfix_myhostname"], served_domain=v["postfix_relay_domains"][0],
                    auth_user=v["postfix_sasl_users"][0], upstream_user=v["postfix_relayhost_username"],
                    proxy_port=v["postfix_proxy_port"],
                    connection_limit=v["postfix_smtpd_client_connection_count_limit"],
                    lane_domain=lane["domains"][0], lane_delay=float(str(lane["rate_delay"]).rstrip("s")),
-                   firewall_table="mailstack_postfix_proxy")
+                   mta="postfix", guarded_unit="postfix@-.service" if instance else "postfix.service",
+                   running="postfix status")
 
     @classmethod
     def for_exim(cls, relay: Node) -> "RelayContract":
@@ -73,7 +89,7 @@ class RelayContract:
                    auth_user=v["exim_auth_users"][0], upstream_user=v["exim_smarthost_username"],
                    proxy_port=v["exim_proxy_port"], connection_limit=v["exim_client_connection_count_limit"],
                    lane_domain=lane["domains"][0], lane_delay=float(lane["rate_delay"]),
-                   firewall_table="mailstack_exim_proxy")
+                   mta="exim", guarded_unit="exim4.service", running="ss -Hltn 'sport = :25' | grep -q LISTEN")
 
 
 def relayed(report: dict) -> bool:
@@ -320,3 +336,47 @@ def test_proxy_firewall_survives_a_restart_of_nftables(relay, contract, outside,
     report = outside.probe(relay.ip, port=contract.proxy_port, proxy="v2",
                            proxy_src=inside.ip, to=[f"victim@{OUTSIDE_DOMAIN}"], no_data=True, timeout=5)
     assert not report["connected"], report
+
+
+GUARD_DROPINS = "/etc/systemd/system/*.service.d/mailstack-proxy-firewall.conf"
+
+
+def mta_running(relay, contract) -> bool:
+    return relay.run(contract.running, check=False).rc == 0
+
+
+def test_the_mta_does_not_run_without_its_proxy_firewall(relay, contract):
+    """Fail closed: the MTA's unit requires the firewall, so stopping the firewall stops the MTA and
+    starting the MTA brings the firewall back first."""
+    dropins = relay.run(f"ls {GUARD_DROPINS}", check=False).stdout.split()
+    assert len(dropins) == 1, dropins
+    relay.run(f"systemctl stop {contract.firewall_unit}")
+    try:
+        assert wait_until(lambda: not mta_running(relay, contract), 20), \
+            f"{contract.mta} runs without its PROXY firewall"
+    finally:
+        relay.run(f"systemctl start {contract.guarded_unit}")
+    assert wait_until(lambda: mta_running(relay, contract), 20)
+    assert relay.run(f"systemctl is-active {contract.firewall_unit}", check=False).stdout.strip() == "active"
+
+
+def check_turning_the_proxy_listener_off(relay, contract, inside, sink):
+    """<mta>_proxy_enabled: false takes the PROXY listener, the firewall unit, its drop-in, rules and
+    nftables table away (proxy_firewall with state absent) while the MTA keeps running and port 25
+    keeps relaying (the MTA's unit required the firewall: removing it must not stop the MTA).
+    A scenario calls this from its last test: it leaves the relay without its PROXY listener (the
+    converge from scratch at the start of the scenario proves turning it on)."""
+    listening = f"ss -Hltn 'sport = :{contract.proxy_port}' | grep -q LISTEN"
+    proc = converge(relay, contract.mta, {f"{contract.mta}_proxy_enabled": False})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert wait_until(lambda: relay.run(listening, check=False).rc != 0, 20), "the PROXY listener is still open"
+    assert relay.run(f"nft list table inet {contract.firewall_table}", check=False).rc != 0, \
+        "the firewall's nftables table is still loaded"
+    leftovers = relay.run(f"ls /etc/systemd/system/{contract.firewall_unit} {GUARD_DROPINS} "
+                          f"/etc/mailstack/{contract.mta}-proxy.nft 2>/dev/null", check=False).stdout
+    assert leftovers.strip() == "", f"still there: {leftovers}"
+    assert "mailstack-proxy-firewall" not in relay.run(f"systemctl show -p Requires {contract.guarded_unit}").stdout
+    assert mta_running(relay, contract), f"turning PROXY off stopped {contract.mta}"
+    test_id = new_id("proxy-off")
+    assert relayed(inside.probe(relay.ip, to=[f"someone@{OUTSIDE_DOMAIN}"], id=test_id))
+    assert sink.wait_for(test_id), "port 25 stopped relaying when the PROXY listener went away"
