@@ -1,14 +1,13 @@
-"""The container test bench: podman settings, locally built images, and the scenario runner.
+"""The container test bench: podman settings, locally built images, and its command line.
 
 Nothing here can pull an image: there is no registry. Images are built with debootstrap from
 the Debian mirror this machine's apt is configured with, then imported into podman. Each image
 carries a label with the hash of its recipe, so a changed recipe rebuilds it and an unchanged
-one is reused.
+one is reused. The runner of the scenarios and the lab proof is suite.py, its profile profile.py.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import inspect
@@ -19,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -346,51 +344,6 @@ def ensure_images(distro: str, force: bool = False) -> list[tuple[str, str]]:
     return done
 
 
-# ---------------------------------------------------------------- scenarios
-
-def all_scenarios() -> list[str]:
-    mol = ROOT / "molecule"
-    return sorted(p.parent.name for p in mol.glob("*/molecule.yml"))
-
-
-@dataclasses.dataclass
-class ScenarioResult:
-    name: str
-    ok: bool
-    seconds: float
-    log: Path
-
-
-_print_lock = threading.Lock()
-
-
-def run_scenario(name: str, distro: str, command: str) -> ScenarioResult:
-    logs = CACHE / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"molecule-{name}-{distro}.log"
-    env = podman_env()
-    env["TEST_DISTRO"] = distro
-    env["ANSIBLE_FORCE_COLOR"] = "0"
-    env["PY_COLORS"] = "0"
-    started = time.monotonic()
-    with _print_lock:
-        click.echo(f"testbench: scenario {name} ({distro}) started, log: {log}")
-    with log.open("w") as fh:
-        proc = subprocess.run(["molecule", command, "-s", name], cwd=ROOT, env=env,
-                              stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    seconds = time.monotonic() - started
-    result = ScenarioResult(name, proc.returncode == 0, seconds, log)
-    with _print_lock:
-        state = "passed" if result.ok else f"FAILED (exit {proc.returncode})"
-        click.echo(f"testbench: scenario {name} ({distro}) {state} in {seconds:.0f}s")
-        if not result.ok:
-            click.echo(f"testbench: last lines of {log}:")
-            lines = log.read_text(errors="replace").splitlines()
-            for line in lines[-40:]:
-                click.echo(f"  | {line}")
-    return result
-
-
 # ---------------------------------------------------------------- command line
 
 @click.group()
@@ -417,34 +370,51 @@ def images_cmd(distro: str, force: bool) -> None:
         click.echo(f"testbench: image {tag}: {action}")
 
 
-@main.command("scenarios")
-@click.option("--distro", default=lambda: os.environ.get("TEST_DISTRO", "debian12"),
-              show_default="$TEST_DISTRO or debian12")
-@click.option("--scenario", "names", multiple=True, help="Run only these (default: all).")
-@click.option("--jobs", default=1, show_default=True, help="Scenarios run at once.")
-@click.option("--command", default="test", show_default=True,
-              help="Molecule command to run for each scenario.")
-def scenarios_cmd(distro: str, names: tuple[str, ...], jobs: int, command: str) -> None:
-    """Run Molecule scenarios, print the time each took, and fail naming the ones that failed.
+@main.command("run")
+@click.option("--distro", "distros", multiple=True,
+              default=lambda: os.environ.get("TEST_DISTRO", "debian12").split(),
+              show_default="$TEST_DISTRO or debian12", help="Debian release(s); repeat for several.")
+@click.option("--scenario", "names", multiple=True,
+              help="Run only these Molecule scenarios; `lab` is the lab proof (default: all and the lab).")
+@click.option("--unit/--no-unit", default=True, show_default=True, help="Run the unit tests first.")
+@click.option("--jobs", default=1, show_default=True,
+              help="Jobs (a scenario or the lab proof on one release) run at once.")
+def run_cmd(distros: tuple[str, ...], names: tuple[str, ...], unit: bool, jobs: int) -> None:
+    """Run the Molecule scenarios and the lab proof, time each step, end with one summary table.
 
-    Example: mailstack-testbench scenarios --scenario postfix --distro debian12
+    Steps that measure time run while nothing else does. What each step spent its time on is
+    kept in .cache/timings/: `mailstack-testbench profile` prints it.
+
+    Example: mailstack-testbench run --distro debian12 --distro debian13 --jobs 2
     """
-    known = all_scenarios()
-    chosen = [n for n in names if n] or known
-    unknown = sorted(set(chosen) - set(known))
-    if unknown:
-        raise BenchError(f"no such scenario: {', '.join(unknown)} (known: {', '.join(known)})")
-    write_containers_conf()
-    started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda n: run_scenario(n, distro, command), chosen))
-    click.echo(f"testbench: {len(results)} scenario(s) on {distro} in "
-               f"{time.monotonic() - started:.0f}s")
-    for r in results:
-        click.echo(f"  {r.name:<20} {'passed' if r.ok else 'FAILED':<7} {r.seconds:6.0f}s  {r.log}")
-    failed = [r for r in results if not r.ok]
-    if failed:
-        raise BenchError(f"scenario(s) failed: {', '.join(r.name for r in failed)}")
+    from mailstack import suite
+
+    distros = tuple(d for item in distros for d in item.split())
+    for distro in distros:
+        if distro not in DISTROS:
+            raise BenchError(f"TEST_DISTRO={distro!r} is not one of {', '.join(DISTROS)}")
+    chosen = [n for item in names for n in item.split()]
+    molecule = [n for n in chosen if n != "lab"] if chosen else suite.all_scenarios()
+    with_lab = not chosen or "lab" in chosen
+    if not suite.run_suite(list(distros), molecule, with_lab, unit, jobs):
+        sys.exit(1)
+
+
+@main.command("profile")
+@click.option("--top", default=15, show_default=True, help="How many of the slowest tasks and tests to list.")
+def profile_cmd(top: int) -> None:
+    """Print where the last run's time went: each job's steps, and inside them apt, waits,
+    service starts, fact gathering and the slowest tasks and tests.
+
+    Example: mailstack-testbench profile --top 25
+    """
+    from mailstack import profile
+
+    profiles = profile.load()
+    if not profiles:
+        raise BenchError("no timings in .cache/timings: run `make test` (or mailstack-testbench run) first")
+    for line in profile.render(profiles, top):
+        click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

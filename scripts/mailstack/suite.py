@@ -1,0 +1,349 @@
+"""The test suite runner: every Molecule scenario and the lab proof on one or more Debian releases.
+
+Each Molecule scenario runs step by step (`molecule create`, `molecule converge`, ...), so that
+every step is timed and recorded (.cache/timings/, read by `mailstack-testbench profile`), and so
+that a step that measures time can run alone. Jobs (a scenario or the lab proof on one release)
+run `--jobs` at a time; a scenario whose molecule.yml says `bench_measures_time: true` runs its
+verify step alone, as the lab proof runs its timed tests alone: while such a step runs, no other
+step starts, and it starts only when the steps already running have finished. The same scenario
+never runs twice at once (its containers and network have fixed names). At the end one table
+gives each job's time and its tests passed and failed, and a last line the totals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import click
+import yaml
+
+from mailstack.testbench import CACHE, ROOT, BenchError, podman_env, write_containers_conf
+
+TIMINGS = CACHE / "timings"
+LOGS = CACHE / "logs"
+CALLBACKS = ROOT / "scripts" / "testbench" / "callback_plugins"
+
+
+def all_scenarios() -> list[str]:
+    return sorted(p.parent.name for p in (ROOT / "molecule").glob("*/molecule.yml"))
+
+
+def scenario_config(name: str) -> dict:
+    """The scenario's molecule.yml merged over the shared base config, as Molecule merges them."""
+    base_file = ROOT / ".config" / "molecule" / "config.yml"
+    base = yaml.safe_load(base_file.read_text()) if base_file.exists() else {}
+    own = yaml.safe_load((ROOT / "molecule" / name / "molecule.yml").read_text())
+    return merge(base or {}, own or {})
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# ---------------------------------------------------------------- the gate for timed steps
+
+class Gate:
+    """Shared for ordinary steps, exclusive for steps that measure time (writers first)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+# ---------------------------------------------------------------- jobs
+
+@dataclasses.dataclass
+class StepResult:
+    name: str
+    seconds: float
+    ok: bool
+    busy: float          # share of the machine's CPU time that was busy while the step ran
+    waited: float = 0.0  # seconds spent waiting for the gate before the step started
+
+
+@dataclasses.dataclass
+class Counts:
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    tests: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)  # (id, seconds, outcome)
+
+    @classmethod
+    def from_junit(cls, path: Path) -> "Counts":
+        counts = cls()
+        if not path.exists():
+            return counts
+        for case in ET.parse(path).getroot().iter("testcase"):
+            name = f"{case.get('classname', '')}::{case.get('name', '')}"
+            outcome = "passed"
+            if case.find("failure") is not None or case.find("error") is not None:
+                outcome = "failed"
+            elif case.find("skipped") is not None:
+                outcome = "skipped"
+            setattr(counts, outcome, getattr(counts, outcome) + 1)
+            counts.tests.append((name, float(case.get("time") or 0), outcome))
+        return counts
+
+
+@dataclasses.dataclass
+class Job:
+    kind: str            # molecule, lab or unit
+    name: str
+    distro: str
+    steps: list[str]
+    timed_steps: frozenset[str]
+    steps_done: list[StepResult] = dataclasses.field(default_factory=list)
+    counts: Counts = dataclasses.field(default_factory=Counts)
+    seconds: float = 0.0
+    ok: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.distro}" if self.distro else self.name
+
+    @property
+    def log(self) -> Path:
+        prefix = "molecule-" if self.kind == "molecule" else ""
+        return LOGS / f"{prefix}{self.key}.log"
+
+    @property
+    def timings(self) -> Path:
+        return TIMINGS / f"{self.key}.jsonl"
+
+    @property
+    def junit(self) -> Path:
+        return TIMINGS / f"{self.key}.junit.xml"
+
+    def env(self, step: str) -> dict[str, str]:
+        env = podman_env()
+        env.update({
+            "TEST_DISTRO": self.distro, "ANSIBLE_FORCE_COLOR": "0", "PY_COLORS": "0",
+            "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS), "ANSIBLE_CALLBACKS_ENABLED": "mailstack_timings",
+            "MAILSTACK_TIMINGS": str(self.timings), "MAILSTACK_STEP": step,
+            # One state directory per scenario and release: both releases can be on the go at once.
+            "MOLECULE_EPHEMERAL_DIRECTORY": str(CACHE / "molecule" / self.key),
+        })
+        if step in ("verify", "proof", "unit"):
+            env["PYTEST_ADDOPTS"] = f"--junitxml={self.junit}"
+        return env
+
+    def command(self, step: str) -> list[str]:
+        if self.kind == "molecule":
+            return ["molecule", step, "-s", self.name]
+        if self.kind == "lab":
+            return ["pytest", "-q", "-s", "-p", "no:cacheprovider", "--durations=10",
+                    "scripts/labtests", "--distro", self.distro]
+        return ["pytest", "-q", "-p", "no:cacheprovider", "scripts/tests"]
+
+
+def molecule_job(name: str, distro: str) -> Job:
+    config = scenario_config(name)
+    steps = config["scenario"]["test_sequence"]
+    timed = frozenset({"verify"} if config.get("driver", {}).get("bench_measures_time") else ())
+    return Job("molecule", name, distro, list(steps), timed)
+
+
+def lab_job(distro: str) -> Job:
+    # The lab proof measures failover gaps and asserts zero loss under rolling maintenance.
+    return Job("lab", "lab", distro, ["proof"], frozenset({"proof"}))
+
+
+def unit_job() -> Job:
+    return Job("unit", "unit", "", ["unit"], frozenset())
+
+
+# ---------------------------------------------------------------- running
+
+class Runner:
+    def __init__(self, jobs: list[Job], slots: int, echo=click.echo) -> None:
+        self.pending = list(jobs)
+        self.jobs = list(jobs)
+        self.slots = max(1, slots)
+        self.gate = Gate()
+        self.echo = echo
+        self._lock = threading.Lock()
+        self._busy_names: set[str] = set()
+        self._wake = threading.Condition(self._lock)
+
+    def say(self, text: str) -> None:
+        with self._lock:
+            self.echo(text)
+
+    def next_job(self) -> Job | None:
+        """The first pending job whose scenario is not running now; None when all are taken."""
+        with self._wake:
+            while True:
+                if not self.pending:
+                    return None
+                for job in self.pending:
+                    if job.name not in self._busy_names:
+                        self.pending.remove(job)
+                        self._busy_names.add(job.name)
+                        return job
+                self._wake.wait()
+
+    def release(self, job: Job) -> None:
+        with self._wake:
+            self._busy_names.discard(job.name)
+            self._wake.notify_all()
+
+    def run_step(self, job: Job, step: str) -> StepResult:
+        timed = step in job.timed_steps
+        asked = time.monotonic()
+        with (self.gate.exclusive() if timed else self.gate.shared()):
+            waited = time.monotonic() - asked
+            busy0, total0 = cpu_times()
+            started = time.monotonic()
+            with job.log.open("a") as fh:
+                fh.write(f"\n#### mailstack-testbench: step {step}{' (alone: it measures time)' if timed else ''}\n")
+                fh.flush()
+                proc = subprocess.run(job.command(step), cwd=ROOT, env=job.env(step), stdout=fh,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            seconds = time.monotonic() - started
+            busy1, total1 = cpu_times()
+        busy = (busy1 - busy0) / max(1, total1 - total0)
+        result = StepResult(step, seconds, proc.returncode == 0, busy, waited)
+        with job.timings.open("a") as fh:
+            fh.write(json.dumps({"kind": "step", "step": step, "seconds": round(seconds, 2),
+                                 "ok": result.ok, "busy": round(busy, 3), "waited": round(waited, 2),
+                                 "alone": timed}) + "\n")
+        return result
+
+    def run_job(self, job: Job) -> None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        TIMINGS.mkdir(parents=True, exist_ok=True)
+        for path in (job.log, job.timings, job.junit):
+            path.unlink(missing_ok=True)
+        job.log.touch()
+        self.say(f"testbench: {job.key} started, log: {job.log.relative_to(ROOT)}")
+        started = time.monotonic()
+        steps = list(job.steps)
+        while steps:
+            step = steps.pop(0)
+            result = self.run_step(job, step)
+            job.steps_done.append(result)
+            if not result.ok:
+                job.ok = False
+                # As `molecule test` does: whatever failed, the containers go.
+                if job.kind == "molecule" and step != "destroy":
+                    job.steps_done.append(self.run_step(job, "destroy"))
+                break
+        job.seconds = time.monotonic() - started
+        job.counts = Counts.from_junit(job.junit)
+        state = "passed" if job.ok else f"FAILED in step {job.steps_done[-1 if job.steps_done[-1].ok is False else -2].name}"
+        self.say(f"testbench: {job.key} {state} in {job.seconds:.0f}s "
+                 f"({job.counts.passed} tests passed, {job.counts.failed} failed)")
+        if not job.ok:
+            lines = job.log.read_text(errors="replace").splitlines()
+            self.say(f"testbench: last lines of {job.log.relative_to(ROOT)}:\n"
+                     + "\n".join(f"  | {line}" for line in lines[-40:]))
+
+    def worker(self) -> None:
+        while True:
+            job = self.next_job()
+            if job is None:
+                return
+            try:
+                self.run_job(job)
+            except Exception as exc:  # noqa: BLE001  a broken job must not stop the others
+                job.ok = False
+                self.say(f"testbench: {job.key} could not run: {exc}")
+            finally:
+                self.release(job)
+
+    def run(self) -> float:
+        started = time.monotonic()
+        threads = [threading.Thread(target=self.worker, daemon=True) for _ in range(self.slots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.monotonic() - started
+
+
+def summary(jobs: list[Job], seconds: float) -> list[str]:
+    lines = [f"{'job':<22} {'release':<9} {'time':>7} {'passed':>7} {'failed':>7}  result"]
+    for job in jobs:
+        if not job.steps_done and job.ok:
+            continue
+        lines.append(f"{job.name:<22} {job.distro or '-':<9} {job.seconds:6.0f}s {job.counts.passed:>7} "
+                     f"{job.counts.failed:>7}  {'ok' if job.ok else 'FAILED'}")
+    passed = sum(j.counts.passed for j in jobs)
+    failed = sum(j.counts.failed for j in jobs)
+    failed_jobs = [j for j in jobs if not j.ok]
+    # A job that failed outside its tests (a converge, say) counts as one failure.
+    failed += sum(1 for j in failed_jobs if j.counts.failed == 0)
+    lines.append(f"wall time {seconds:.0f}s, {len(jobs)} job(s), {len(failed_jobs)} failed")
+    lines.append(f"{passed} passed, {failed} failed")
+    return lines
+
+
+def plan(distros: list[str], names: list[str], with_lab: bool, with_unit: bool) -> list[Job]:
+    known = all_scenarios()
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise BenchError(f"no such scenario: {', '.join(unknown)} (known: {', '.join(known)})")
+    jobs = [unit_job()] if with_unit else []
+    for distro in distros:
+        jobs += [molecule_job(n, distro) for n in names]
+        if with_lab:
+            jobs.append(lab_job(distro))
+    return jobs
+
+
+def run_suite(distros: list[str], names: list[str], with_lab: bool, with_unit: bool, slots: int) -> bool:
+    write_containers_conf()
+    jobs = plan(distros, names, with_lab, with_unit)
+    runner = Runner(jobs, slots)
+    seconds = runner.run()
+    for line in summary(jobs, seconds):
+        click.echo(line)
+    return all(j.ok for j in jobs)
