@@ -126,10 +126,11 @@ def relay_pids(lab_exec) -> dict[str, str]:
             command = "cat /var/spool/postfix/pid/master.pid"
         else:
             command = "cat /run/exim4/exim.pid"
-        pids[relay] = lab_exec(inv.value(relay, "ansible_host"), command).stdout.strip()
+        pids[relay] = lab_exec(inv.value(relay, "mailstack_lab_container"), command).stdout.strip()
     return pids
 
 
+@pytest.mark.timed
 def test_rolling_relay_maintenance_loses_and_refuses_no_mail(second_up, lab_exec):
     from mailstack.traffic import Sender, wait_for_delivery
 
@@ -161,6 +162,7 @@ def test_rolling_relay_maintenance_loses_and_refuses_no_mail(second_up, lab_exec
     assert state["healthy"], state["problems"]
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("mode,rounds", [("both", 1), ("container", 1)])
 def test_failover_drill_moves_the_vip_and_loses_no_accepted_mail(second_up, mode, rounds):
     proc = mailstack("drill", "failover", "-i", "inventories/lab", "--mode", mode, "--rounds", str(rounds),

@@ -174,7 +174,7 @@ def smoke_cmd(inventory: str, sender: str | None, recipient: str | None, vips: t
     """Send one test message through each VIP from this machine and report whether it was accepted.
 
     This machine must be allowed to relay (in the relay networks), or pass --user with the
-    password in $MAILSTACK_SMOKE_PASSWORD. When the inventory has a podman `sinks` group (the
+    password in $MAILSTACK_SMOKE_PASSWORD. When the inventory has a `sinks` group in containers (the
     lab), the command also waits until each accepted message is found at the sink.
 
     Exit code: 1 if any VIP did not accept (or, in the lab, did not deliver) its message.

@@ -37,9 +37,8 @@ class Hosts:
         self.inv = inv
 
     def container(self, host: str) -> str | None:
-        if str(self.inv.value(host, "ansible_connection", "")).endswith("podman"):
-            return str(self.inv.value(host, "ansible_host", host))
-        return None
+        container = self.inv.value(host, "mailstack_lab_container", None)
+        return str(container) if container else None
 
     def run(self, host: str, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
         container = self.container(host)
@@ -135,7 +134,7 @@ def kill(hosts: Hosts, lb: str, mode: str) -> None:
     if mode == "container":
         container = hosts.container(lb)
         if not container:
-            raise DrillError("--mode container works only in the lab (podman hosts)")
+            raise DrillError("--mode container works only in the lab (hosts with a mailstack_lab_container)")
         subprocess.run(["podman", "stop", "--time", "0", container], check=True, capture_output=True,
                        env=podman_env())
         return

@@ -1,8 +1,8 @@
 """The lab: the whole mail tier in podman containers on this machine, built from inventories/lab.
 
 The inventory is the lab's only description: each host is a systemd container named by its
-ansible_host, at its mailstack_service_address on one podman network (mailstack_lab_network,
-mailstack_lab_subnet). `up` creates what is missing, keeps what runs, and converges it all with
+mailstack_lab_container, at its mailstack_service_address on one podman network (mailstack_lab_network,
+mailstack_lab_subnet), which Ansible reaches over SSH with the bench's key. `up` creates what is missing, keeps what runs, and converges it all with
 playbooks/site.yml; `down` removes it; `status` asks every service how it is.
 """
 
@@ -70,7 +70,7 @@ class Lab:
             if ipaddress.ip_address(address) not in ipaddress.ip_network(subnet):
                 raise LabError(f"lab host {name}: mailstack_service_address {address} is not in "
                                f"mailstack_lab_subnet {subnet}")
-            hosts.append(LabHost(name, inv.value(name, "ansible_host", name), address, groups,
+            hosts.append(LabHost(name, inv.value(name, "mailstack_lab_container", name), address, groups,
                                  "tools" if tools_groups & set(groups) else "base"))
         return cls(inv, network, subnet, domain, hosts)
 
@@ -162,10 +162,14 @@ def create_containers(lab: Lab, distro: str) -> list[str]:
                    "--hostname", f"{h.name}.{lab.domain}",
                    "--network", lab.network, "--ip", h.address,
                    "--privileged", "--systemd", "always",
+                   "--volume", f"{testbench.SSH_DIR / 'authorized_keys'}:/root/.ssh/authorized_keys:ro",
                    "--label", f"{LABEL}=1", "--label", f"{LABEL}.distro={distro}",
                    "--label", f"{LABEL}.host={h.name}",
                    image_tag(h.image_kind, distro), "/sbin/init")
             touched.append(h.container)
+        elif not any(m.get("Destination") == "/root/.ssh/authorized_keys" for m in info.get("Mounts") or []):
+            raise LabError(f"container {h.container} was made before the lab was reached over SSH: "
+                           "run `mailstack lab up --recreate`")
         elif not info["State"]["Running"]:
             podman("start", h.container)
             touched.append(h.container)

@@ -111,11 +111,12 @@ def send_one(vip: str, port: int, sender: str, recipient: str, *, helo: str, sta
 
 
 def lab_sinks(inv: Inventory) -> list[str]:
-    """Containers of the inventory's sinks that this machine can look into (podman hosts)."""
+    """Containers of the inventory's sinks that this machine can look into (the lab's, by mailstack_lab_container)."""
     containers = []
     for host in inv.hosts("sinks"):
-        if str(inv.value(host, "ansible_connection", "")).endswith("podman"):
-            containers.append(str(inv.value(host, "ansible_host", host)))
+        container = inv.value(host, "mailstack_lab_container", None)
+        if container:
+            containers.append(str(container))
     return containers
 
 

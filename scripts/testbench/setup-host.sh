@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   podman runc debootstrap uidmap slirp4netns fuse-overlayfs netavark aardvark-dns iptables
-  python3 python3-venv python3-pip git make swaks
+  python3 python3-venv python3-pip git make swaks openssh-client
 )
 
 die() { echo "setup-host: $*" >&2; exit 1; }
