@@ -15,7 +15,7 @@ SHELL       := /bin/bash
 
 TEST_DISTRO ?= debian12
 SCENARIO    ?=
-JOBS        ?= 1
+JOBS        ?= 2
 LAB_DISTRO  ?= debian12
 PYTHON      ?= python3
 

@@ -17,7 +17,11 @@ from pathlib import Path
 
 from mailstack.suite import TIMINGS, Counts
 
-STEP_COLUMNS = ["create", "prepare", "converge", "idempotence", "verify", "destroy"]
+STEP_COLUMNS = ["create", "prepare", "converge", "idempotence", "verify", "timed", "destroy", "lab up"]
+# Which column a step's time goes to: the timed column holds the steps that ran alone.
+COLUMN_OF = {"create": "create", "prepare": "prepare", "converge": "converge", "idempotence": "idempotence",
+             "verify": "verify", "verify-all": "verify", "verify-timed": "timed", "operations": "timed",
+             "destroy": "destroy", "down": "destroy", "up": "lab up"}
 KIND_COLUMNS = ["apt", "waits", "services", "facts", "other"]
 APT_ACTIONS = {"apt", "package", "apt_key", "apt_repository", "deb822_repository"}
 WAIT_ACTIONS = {"wait_for", "wait_for_connection", "pause", "uri"}
@@ -66,31 +70,33 @@ def load(directory: Path = TIMINGS) -> list[JobProfile]:
                 busy_weighted[record["step"]] += record["busy"] * record["seconds"]
                 waited += record.get("waited", 0.0)
             elif record["kind"] == "task":
-                if record["step"] in ("converge", "idempotence", "prepare", "create", "destroy", "proof"):
+                if record["step"] in ("converge", "idempotence", "prepare", "create", "destroy", "up"):
                     kinds[kind_of(record)] += record["seconds"]
                 tasks.append(record)
         busy = {s: busy_weighted[s] / steps[s] for s in steps if steps[s]}
         key = path.name[:-len(".jsonl")]
         profiles.append(JobProfile(key, dict(steps), busy, waited, dict(kinds), tasks,
-                                   Counts.from_junit(path.with_name(key + ".junit.xml"))))
+                                   Counts.from_junit(sorted(directory.glob(f"{key}.*.junit.xml")))))
     return profiles
 
 
 def render(profiles: list[JobProfile], top: int = 15) -> list[str]:
-    out = ["Steps (seconds; cpu = share of the machine's CPU busy over the job's steps)"]
+    out = ["Steps (seconds; timed: the tests that ran alone; lab up: the lab built, converged twice and proven;",
+           "cpu: share of the machine's CPU busy while the job's steps ran; waited: for a timed step elsewhere)"]
     head = f"{'job':<26}" + "".join(f"{c[:8]:>9}" for c in STEP_COLUMNS) + f"{'other':>8}{'total':>8}{'cpu':>6}" \
         + f"{'waited':>8}{'passed':>8}{'failed':>8}"
     out.append(head)
     totals: dict[str, float] = collections.defaultdict(float)
     for p in profiles:
-        other = sum(v for k, v in p.steps.items() if k not in STEP_COLUMNS)
+        columns: dict[str, float] = collections.defaultdict(float)
+        for step, seconds in p.steps.items():
+            columns[COLUMN_OF.get(step, "other")] += seconds
         cpu = sum(p.busy.get(s, 0) * p.steps[s] for s in p.steps) / max(p.total, 1e-9)
-        row = f"{p.key:<26}" + "".join(f"{p.steps.get(c, 0):9.0f}" for c in STEP_COLUMNS)
-        row += f"{other:8.0f}{p.total:8.0f}{cpu:6.0%}{p.waited:8.0f}{p.counts.passed:8d}{p.counts.failed:8d}"
+        row = f"{p.key:<26}" + "".join(f"{columns[c]:9.0f}" for c in STEP_COLUMNS)
+        row += f"{columns['other']:8.0f}{p.total:8.0f}{cpu:6.0%}{p.waited:8.0f}{p.counts.passed:8d}{p.counts.failed:8d}"
         out.append(row)
-        for c in STEP_COLUMNS:
-            totals[c] += p.steps.get(c, 0)
-        totals["other"] += other
+        for c in [*STEP_COLUMNS, "other"]:
+            totals[c] += columns[c]
         totals["total"] += p.total
     out.append(f"{'all':<26}" + "".join(f"{totals[c]:9.0f}" for c in STEP_COLUMNS)
                + f"{totals['other']:8.0f}{totals['total']:8.0f}")

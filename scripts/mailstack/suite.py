@@ -2,12 +2,13 @@
 
 Each Molecule scenario runs step by step (`molecule create`, `molecule converge`, ...), so that
 every step is timed and recorded (.cache/timings/, read by `mailstack-testbench profile`), and so
-that a step that measures time can run alone. Jobs (a scenario or the lab proof on one release)
-run `--jobs` at a time; a scenario whose molecule.yml says `bench_measures_time: true` runs its
-verify step alone, as the lab proof runs its timed tests alone: while such a step runs, no other
-step starts, and it starts only when the steps already running have finished. The same scenario
-never runs twice at once (its containers and network have fixed names). At the end one table
-gives each job's time and its tests passed and failed, and a last line the totals.
+that the tests that measure time can run alone. Jobs (a scenario or the lab proof on one release)
+run `--jobs` at a time. Tests that measure time or loss under load are marked `timed`; a
+scenario that has such tests says so in its molecule.yml (`bench_measures_time: true`) and runs
+them in a step of their own (verify-timed), as the lab proof does (operations). While such a step
+runs no other step starts, and it starts only when the steps already running have finished. The
+same scenario never runs twice at once (its containers and network have fixed names). At the end
+one table gives each job's time and its tests passed and failed, and a last line the totals.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -117,11 +119,10 @@ class Counts:
     tests: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)  # (id, seconds, outcome)
 
     @classmethod
-    def from_junit(cls, path: Path) -> "Counts":
+    def from_junit(cls, paths: list[Path]) -> "Counts":
         counts = cls()
-        if not path.exists():
-            return counts
-        for case in ET.parse(path).getroot().iter("testcase"):
+        cases = [case for path in paths if path.exists() for case in ET.parse(path).getroot().iter("testcase")]
+        for case in cases:
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
             outcome = "passed"
             if case.find("failure") is not None or case.find("error") is not None:
@@ -139,11 +140,12 @@ class Job:
     name: str
     distro: str
     steps: list[str]
-    timed_steps: frozenset[str]
     steps_done: list[StepResult] = dataclasses.field(default_factory=list)
     counts: Counts = dataclasses.field(default_factory=Counts)
     seconds: float = 0.0
     ok: bool = True
+    failed_step: str = ""
+    cost: float = 0.0    # its stated cost per release in seconds (the order jobs start in)
 
     @property
     def key(self) -> str:
@@ -159,8 +161,15 @@ class Job:
         return TIMINGS / f"{self.key}.jsonl"
 
     @property
-    def junit(self) -> Path:
-        return TIMINGS / f"{self.key}.junit.xml"
+    def state_dir(self) -> Path:
+        """Molecule's state for this scenario and release (its ephemeral directory)."""
+        return CACHE / "molecule" / self.key
+
+    def junit(self, step: str) -> Path:
+        return TIMINGS / f"{self.key}.{step}.junit.xml"
+
+    def junits(self) -> list[Path]:
+        return sorted(TIMINGS.glob(f"{self.key}.*.junit.xml"))
 
     def env(self, step: str) -> dict[str, str]:
         env = podman_env()
@@ -169,35 +178,66 @@ class Job:
             "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS), "ANSIBLE_CALLBACKS_ENABLED": "mailstack_timings",
             "MAILSTACK_TIMINGS": str(self.timings), "MAILSTACK_STEP": step,
             # One state directory per scenario and release: both releases can be on the go at once.
-            "MOLECULE_EPHEMERAL_DIRECTORY": str(CACHE / "molecule" / self.key),
+            "MOLECULE_EPHEMERAL_DIRECTORY": str(self.state_dir),
         })
-        if step in ("verify", "proof", "unit"):
-            env["PYTEST_ADDOPTS"] = f"--junitxml={self.junit}"
+        if step in PYTEST_STEPS:
+            env["PYTEST_ADDOPTS"] = f"--junitxml={self.junit(step)} {PYTEST_STEPS[step]}".strip()
+        if self.kind == "lab" and step != "down":
+            env["MAILSTACK_KEEP_LAB"] = "1"       # the steps after this one need it
+        if self.kind == "lab" and step == "operations":
+            env["MAILSTACK_LAB_RUNNING"] = "1"    # built and proven by the step before
         return env
 
     def command(self, step: str) -> list[str]:
         if self.kind == "molecule":
-            return ["molecule", step, "-s", self.name]
+            return ["molecule", step.split("-")[0], "-s", self.name]
         if self.kind == "lab":
+            if step == "down":
+                return ["mailstack", "lab", "down"]
             return ["pytest", "-q", "-s", "-p", "no:cacheprovider", "--durations=10",
                     "scripts/labtests", "--distro", self.distro]
         return ["pytest", "-q", "-p", "no:cacheprovider", "scripts/tests"]
 
 
+# The steps that run pytest, and the tests each runs: the tests marked `timed` measure time or loss
+# under load, and run in a step of their own while nothing else runs.
+PYTEST_STEPS = {
+    "verify-timed": "-m timed", "verify": "-m 'not timed'",    # a scenario with timed tests
+    "verify-all": "",                                            # a scenario without
+    "up": "-m 'not timed'", "operations": "-m timed",            # the lab proof
+    "unit": "",
+}
+TIMED_STEPS = frozenset({"verify-timed", "operations"})
+
+
 def molecule_job(name: str, distro: str) -> Job:
+    """The scenario's test sequence, its verify step in two when it has tests that measure time:
+    those first, alone, then the others (which may leave the scenario changed, as the last test of
+    a relay scenario does when it turns the PROXY listener off)."""
     config = scenario_config(name)
-    steps = config["scenario"]["test_sequence"]
-    timed = frozenset({"verify"} if config.get("driver", {}).get("bench_measures_time") else ())
-    return Job("molecule", name, distro, list(steps), timed)
+    verify = ["verify-timed", "verify"] if config.get("driver", {}).get("bench_measures_time") else ["verify-all"]
+    steps = [s2 for s in config["scenario"]["test_sequence"] for s2 in (verify if s == "verify" else [s])]
+    # The job starts from an empty state directory (run_job), and create.yml removes containers
+    # and connections an earlier run left: a destroy first would only repeat that.
+    if steps[:1] == ["destroy"]:
+        steps = steps[1:]
+    return Job("molecule", name, distro, steps, cost=float(config.get("driver", {}).get("bench_cost", 0)))
+
+
+# What the lab proof costs per release on the project's 2-core machine (measured: see the README).
+LAB_COST = 470
 
 
 def lab_job(distro: str) -> Job:
-    # The lab proof measures failover gaps and asserts zero loss under rolling maintenance.
-    return Job("lab", "lab", distro, ["proof"], frozenset({"proof"}))
+    """The lab proof in three steps: the lab built, converged again and proven (tests not marked
+    `timed`); the operations that measure time and loss (rolling maintenance, failover drills:
+    marked `timed`), alone; the lab removed."""
+    steps = ["up", "operations"] if os.environ.get("MAILSTACK_KEEP_LAB") == "1" else ["up", "operations", "down"]
+    return Job("lab", "lab", distro, steps, cost=LAB_COST)
 
 
 def unit_job() -> Job:
-    return Job("unit", "unit", "", ["unit"], frozenset())
+    return Job("unit", "unit", "", ["unit"])
 
 
 # ---------------------------------------------------------------- running
@@ -236,7 +276,7 @@ class Runner:
             self._wake.notify_all()
 
     def run_step(self, job: Job, step: str) -> StepResult:
-        timed = step in job.timed_steps
+        timed = step in TIMED_STEPS
         asked = time.monotonic()
         with (self.gate.exclusive() if timed else self.gate.shared()):
             waited = time.monotonic() - asked
@@ -260,8 +300,10 @@ class Runner:
     def run_job(self, job: Job) -> None:
         LOGS.mkdir(parents=True, exist_ok=True)
         TIMINGS.mkdir(parents=True, exist_ok=True)
-        for path in (job.log, job.timings, job.junit):
+        for path in (job.log, job.timings, *job.junits()):
             path.unlink(missing_ok=True)
+        if job.kind == "molecule":
+            shutil.rmtree(job.state_dir, ignore_errors=True)
         job.log.touch()
         self.say(f"testbench: {job.key} started, log: {job.log.relative_to(ROOT)}")
         started = time.monotonic()
@@ -271,14 +313,15 @@ class Runner:
             result = self.run_step(job, step)
             job.steps_done.append(result)
             if not result.ok:
-                job.ok = False
+                job.ok, job.failed_step = False, step
                 # As `molecule test` does: whatever failed, the containers go.
-                if job.kind == "molecule" and step != "destroy":
-                    job.steps_done.append(self.run_step(job, "destroy"))
+                cleanup = {"molecule": "destroy", "lab": "down"}.get(job.kind)
+                if cleanup in job.steps and step != cleanup:
+                    job.steps_done.append(self.run_step(job, cleanup))
                 break
         job.seconds = time.monotonic() - started
-        job.counts = Counts.from_junit(job.junit)
-        state = "passed" if job.ok else f"FAILED in step {job.steps_done[-1 if job.steps_done[-1].ok is False else -2].name}"
+        job.counts = Counts.from_junit(job.junits())
+        state = "passed" if job.ok else f"FAILED in step {job.failed_step or '?'}"
         self.say(f"testbench: {job.key} {state} in {job.seconds:.0f}s "
                  f"({job.counts.passed} tests passed, {job.counts.failed} failed)")
         if not job.ok:
@@ -331,12 +374,14 @@ def plan(distros: list[str], names: list[str], with_lab: bool, with_unit: bool) 
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise BenchError(f"no such scenario: {', '.join(unknown)} (known: {', '.join(known)})")
-    jobs = [unit_job()] if with_unit else []
+    jobs = []
     for distro in distros:
         jobs += [molecule_job(n, distro) for n in names]
         if with_lab:
             jobs.append(lab_job(distro))
-    return jobs
+    # The longest first, so that the short ones fill the gaps at the end; the unit tests before all.
+    jobs.sort(key=lambda j: -j.cost)
+    return ([unit_job()] if with_unit else []) + jobs
 
 
 def run_suite(distros: list[str], names: list[str], with_lab: bool, with_unit: bool, slots: int) -> bool:

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "resources" / "tests"))
 
-from bench_fixtures import inside, outside, sink  # noqa: E402,F401  fixtures used by the tests
+from bench_fixtures import inside, outside, pytest_configure, sink  # noqa: E402,F401  fixtures, marker
 from benchlib import Node, group  # noqa: E402
 from relay_contract import RelayContract  # noqa: E402
 

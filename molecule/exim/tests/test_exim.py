@@ -84,6 +84,7 @@ def test_queued_mail_shares_connections_up_to_the_messages_per_connection_limit(
         f"{n} queued messages, messages per connection {sorted(per_connection.values())}, limit {limit}"
 
 
+@pytest.mark.timed
 def test_delivery_that_waits_too_long_for_its_turn_is_deferred_not_sent(relay):
     """The throttle gives up after exim_throttle_max_wait and the router defers: nothing is sent early."""
     spec = lane(relay, "slowlane")

@@ -92,6 +92,7 @@ def test_traffic_shares_follow_the_weights(balancers, relays, inside, sink):
 # ---------------------------------------------------------------- health checks
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("mta", ["postfix", "exim"])
 def test_stopped_relay_is_marked_down_gets_no_sessions_and_returns(balancers, relays, inside, sink, mta):
     relay = [r for r in relays if r.mta == mta][0]
@@ -184,6 +185,7 @@ class StatusRecorder(threading.Thread):
         self.join(timeout=10)
 
 
+@pytest.mark.timed
 def test_rolling_maintenance_under_traffic_refuses_and_loses_nothing(balancers, relays, inside, sink):
     """relay_maintenance on a Postfix and the Exim relay while mail flows through the VIP: each is
     drained on both balancers in turn, restarted and put back; no session is refused and every
@@ -370,6 +372,7 @@ def failover_once(balancers, inside, sink, kill_command, label):
     return result
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("target", ["haproxy", "keepalived"])
 def test_killing_a_daemon_on_the_master_moves_the_vip_and_loses_no_mail(balancers, inside, sink, target):
     # Repeated failovers with median and worst are `mailstack drill failover --rounds N`'s job;
@@ -399,6 +402,7 @@ def test_balancers_may_bind_addresses_they_do_not_hold(balancers):
         assert lb.run("sysctl -n net.ipv4.ip_nonlocal_bind").stdout.strip() == "1"
 
 
+@pytest.mark.timed
 def test_an_open_smtp_session_survives_a_haproxy_reload(balancers, inside, sink):
     """Reload, not restart: a session opened before the reload finishes its message after it."""
     test_id = new_id("reload")
@@ -433,6 +437,7 @@ def test_both_vips_answer_each_from_a_different_balancer(balancers, inside):
         assert code(report["banner"]) == 220 and code(report["messages"][0]["rcpt"][0]) == 250, report
 
 
+@pytest.mark.timed
 def test_killing_a_balancer_moves_its_vip_to_the_other_which_serves_both(balancers, inside, sink):
     victim, survivor = balancers[1], balancers[0]
     env = dict(os.environ)
@@ -487,6 +492,7 @@ def test_bad_input_fails_naming_the_variable_before_anything_changes(balancers, 
     assert [lb.run(f"sha256sum {files}").stdout for lb in balancers] == before
 
 
+@pytest.mark.timed
 def test_active_passive_preset_with_unicast_vrrpv3_puts_one_vip_on_the_first_balancer_and_fails_over(
         balancers, inside):
     address = vip(balancers, 0)

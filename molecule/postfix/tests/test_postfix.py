@@ -35,6 +35,7 @@ def test_throttled_transport_settings_are_in_effect(relay):
     assert relay.run(f"postconf -M {name}/unix").stdout.split()[7] == "smtp"
 
 
+@pytest.mark.timed
 def test_a_burst_to_one_destination_shares_connections(relay, inside, sink):
     """Postfix caches connections on demand while a destination has a backlog. Six messages
     sometimes went out on six parallel connections on a fast run, so the burst is twenty."""
@@ -48,6 +49,7 @@ def test_a_burst_to_one_destination_shares_connections(relay, inside, sink):
     assert len(connections) < n, f"{n} messages to one destination used {len(connections)} connections"
 
 
+@pytest.mark.timed
 def test_messages_that_follow_each_other_to_the_relayhost_share_its_connection(relay, inside, sink):
     """The relayhost is always cached (smtp_connection_cache_destinations), so a message that comes
     after the previous one was delivered goes down the connection that one left open, as long as

@@ -1,7 +1,8 @@
-"""Fixtures every scenario with a sink and inside/outside clients shares.
+"""Fixtures every scenario with a sink and inside/outside clients shares, and the `timed` marker.
 
 A scenario's conftest.py imports the ones it needs: `from bench_fixtures import sink, inside, outside`.
-Groups: `sinks`, `inside_clients`, `outside_clients`.
+Groups: `sinks`, `inside_clients`, `outside_clients`. A scenario with tests marked `timed` also
+imports pytest_configure, which declares the marker.
 """
 
 import pytest
@@ -21,3 +22,9 @@ def inside():
 @pytest.fixture(scope="session")
 def outside():
     return Node(group("outside_clients")[0])
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "timed: measures time, or loss under load; the bench runs it alone (verify-timed step), "
+                   "before the scenario's other tests")

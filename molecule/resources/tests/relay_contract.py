@@ -255,6 +255,7 @@ def test_upstream_receives_mail_over_tls_with_the_configured_credentials(relay, 
 # ---------------------------------------------------------------- limits
 
 
+@pytest.mark.timed
 def test_throttled_domain_deliveries_are_spaced_by_rate_delay(relay, contract, inside, sink):
     delay = contract.lane_delay
     test_id = new_id("slow")

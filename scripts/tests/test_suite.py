@@ -1,0 +1,145 @@
+"""Unit tests of the suite runner: the gate that lets timed steps run alone, the steps of each job,
+the summary, the profile, and that every scenario with timed tests says so."""
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mailstack import profile, suite
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_timed_step_waits_for_running_steps_and_runs_alone():
+    gate = suite.Gate()
+    events = []
+    shared_in = threading.Event()
+    release_shared = threading.Event()
+
+    def ordinary(name):
+        with gate.shared():
+            events.append(f"{name} in")
+            shared_in.set()
+            release_shared.wait(5)
+            events.append(f"{name} out")
+
+    def timed():
+        with gate.exclusive():
+            events.append("timed in")
+            time.sleep(0.1)
+            events.append("timed out")
+
+    first = threading.Thread(target=ordinary, args=("a",))
+    first.start()
+    shared_in.wait(5)
+    alone = threading.Thread(target=timed)
+    alone.start()
+    time.sleep(0.1)
+    # A step that asks after the timed one waits behind it, even though only a shared step runs.
+    late = threading.Thread(target=ordinary, args=("b",))
+    late.start()
+    time.sleep(0.1)
+    assert events == ["a in"]
+    release_shared.set()
+    for t in (first, alone, late):
+        t.join(5)
+    assert events == ["a in", "a out", "timed in", "timed out", "b in", "b out"]
+
+
+def test_a_scenario_with_timed_tests_verifies_them_first_in_a_step_of_their_own():
+    job = suite.molecule_job("postfix", "debian12")
+    assert job.steps == ["create", "prepare", "converge", "idempotence",
+                         "verify-timed", "verify", "destroy"]
+    assert job.command("verify-timed") == ["molecule", "verify", "-s", "postfix"]
+    assert "-m timed" in job.env("verify-timed")["PYTEST_ADDOPTS"]
+    assert "-m 'not timed'" in job.env("verify")["PYTEST_ADDOPTS"]
+    assert "verify-timed" in suite.TIMED_STEPS and "verify" not in suite.TIMED_STEPS
+
+
+def test_a_scenario_without_timed_tests_verifies_in_one_ordinary_step():
+    job = suite.molecule_job("redis", "debian13")
+    assert "verify-all" in job.steps and "verify-timed" not in job.steps
+    assert "-m" not in job.env("verify-all")["PYTEST_ADDOPTS"]
+    assert job.env("converge")["MOLECULE_EPHEMERAL_DIRECTORY"].endswith("redis-debian13")
+
+
+def test_the_lab_proof_runs_its_timed_tests_alone_on_the_lab_it_built(monkeypatch):
+    monkeypatch.delenv("MAILSTACK_KEEP_LAB", raising=False)
+    job = suite.lab_job("debian12")
+    assert job.steps == ["up", "operations", "down"]
+    assert "operations" in suite.TIMED_STEPS
+    assert job.env("operations")["MAILSTACK_LAB_RUNNING"] == "1"
+    assert job.env("up")["MAILSTACK_KEEP_LAB"] == "1"
+    monkeypatch.setenv("MAILSTACK_KEEP_LAB", "1")
+    assert suite.lab_job("debian12").steps == ["up", "operations"]
+
+
+def scenario_has_timed_tests(name: str) -> bool:
+    tests = (ROOT / "molecule" / name / "tests").glob("*.py")
+    text = "".join(p.read_text() for p in tests)
+    uses_contract = "from relay_contract import *" in text
+    contract = (ROOT / "molecule/resources/tests/relay_contract.py").read_text()
+    return "@pytest.mark.timed" in text or (uses_contract and "@pytest.mark.timed" in contract)
+
+
+@pytest.mark.parametrize("name", suite.all_scenarios())
+def test_a_scenario_says_it_has_timed_tests_exactly_when_it_has(name):
+    declared = bool(suite.scenario_config(name).get("driver", {}).get("bench_measures_time"))
+    assert declared == scenario_has_timed_tests(name), \
+        f"molecule/{name}: bench_measures_time is {declared}, but its tests say otherwise"
+
+
+def test_the_summary_counts_tests_and_a_job_that_failed_outside_them(tmp_path):
+    ok = suite.Job("molecule", "redis", "debian12", [])
+    ok.steps_done = [suite.StepResult("converge", 10, True, 0.5)]
+    ok.counts = suite.Counts(passed=5)
+    ok.seconds = 10
+    broken = suite.Job("molecule", "postfix", "debian12", [])
+    broken.steps_done = [suite.StepResult("converge", 3, False, 0.5)]
+    broken.ok = False
+    lines = suite.summary([ok, broken], 13)
+    assert re.search(r"^redis\s+debian12\s+10s\s+5\s+0\s+ok$", lines[1])
+    assert re.search(r"^postfix\s+debian12\s+0s\s+0\s+0\s+FAILED$", lines[2])
+    assert lines[-1] == "5 passed, 1 failed"
+
+
+def test_counts_and_the_profile_are_read_back_from_what_the_runner_wrote(tmp_path):
+    (tmp_path / "redis-debian12.verify-all.junit.xml").write_text(
+        '<testsuites><testsuite><testcase classname="t" name="a" time="1.5"/>'
+        '<testcase classname="t" name="b" time="0.1"><failure/></testcase>'
+        '<testcase classname="t" name="c" time="0"><skipped/></testcase></testsuite></testsuites>')
+    records = [
+        {"kind": "task", "step": "converge", "playbook": "converge.yml", "role": "redis", "task": "Install Redis",
+         "action": "ansible.builtin.apt", "handler": False, "retries": False, "hosts": 2, "changed": 2, "seconds": 7.0},
+        {"kind": "task", "step": "converge", "playbook": "converge.yml", "role": "redis", "task": "Wait",
+         "action": "ansible.builtin.command", "handler": False, "retries": True, "hosts": 2, "changed": 0, "seconds": 2.0},
+        {"kind": "task", "step": "converge", "playbook": "converge.yml", "role": "redis", "task": "Restart redis",
+         "action": "ansible.builtin.systemd_service", "handler": True, "retries": False, "hosts": 2, "changed": 2,
+         "seconds": 1.0},
+        {"kind": "step", "step": "converge", "seconds": 12.0, "ok": True, "busy": 0.5, "waited": 0.0, "alone": False},
+        {"kind": "step", "step": "verify-all", "seconds": 4.0, "ok": True, "busy": 0.25, "waited": 1.0, "alone": False},
+    ]
+    (tmp_path / "redis-debian12.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    [p] = profile.load(tmp_path)
+    assert (p.counts.passed, p.counts.failed, p.counts.skipped) == (1, 1, 1)
+    assert p.kinds == {"apt": 7.0, "waits": 2.0, "services": 1.0}
+    assert p.steps == {"converge": 12.0, "verify-all": 4.0} and p.waited == 1.0
+    text = "\n".join(profile.render([p]))
+    assert "redis-debian12" in text and "Install Redis" in text and "t::a" in text
+
+
+@pytest.mark.parametrize("name", suite.all_scenarios())
+def test_every_scenario_states_its_cost_per_release(name):
+    cost = suite.scenario_config(name).get("driver", {}).get("bench_cost")
+    assert isinstance(cost, int) and cost > 0, f"molecule/{name}/molecule.yml: driver.bench_cost (seconds per release)"
+
+
+def test_the_costliest_jobs_start_first_after_the_unit_tests():
+    jobs = suite.plan(["debian12", "debian13"], suite.all_scenarios(), with_lab=True, with_unit=True)
+    assert jobs[0].kind == "unit"
+    costs = [j.cost for j in jobs[1:]]
+    assert costs == sorted(costs, reverse=True)
