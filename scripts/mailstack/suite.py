@@ -281,7 +281,7 @@ class Runner:
         with (self.gate.exclusive() if timed else self.gate.shared()):
             waited = time.monotonic() - asked
             busy0, total0 = cpu_times()
-            started = time.monotonic()
+            started, started_at = time.monotonic(), time.time()
             with job.log.open("a") as fh:
                 fh.write(f"\n#### mailstack-testbench: step {step}{' (alone: it measures time)' if timed else ''}\n")
                 fh.flush()
@@ -292,7 +292,7 @@ class Runner:
         busy = (busy1 - busy0) / max(1, total1 - total0)
         result = StepResult(step, seconds, proc.returncode == 0, busy, waited)
         with job.timings.open("a") as fh:
-            fh.write(json.dumps({"kind": "step", "step": step, "seconds": round(seconds, 2),
+            fh.write(json.dumps({"kind": "step", "step": step, "at": round(started_at, 1), "seconds": round(seconds, 2),
                                  "ok": result.ok, "busy": round(busy, 3), "waited": round(waited, 2),
                                  "alone": timed}) + "\n")
         return result

@@ -51,10 +51,10 @@ def test_a_timed_step_waits_for_running_steps_and_runs_alone():
 
 
 def test_a_scenario_with_timed_tests_verifies_them_first_in_a_step_of_their_own():
-    job = suite.molecule_job("postfix", "debian12")
+    job = suite.molecule_job("relay_tier", "debian12")
     assert job.steps == ["create", "prepare", "converge", "idempotence",
                          "verify-timed", "verify", "destroy"]
-    assert job.command("verify-timed") == ["molecule", "verify", "-s", "postfix"]
+    assert job.command("verify-timed") == ["molecule", "verify", "-s", "relay_tier"]
     assert "-m timed" in job.env("verify-timed")["PYTEST_ADDOPTS"]
     assert "-m 'not timed'" in job.env("verify")["PYTEST_ADDOPTS"]
     assert "verify-timed" in suite.TIMED_STEPS and "verify" not in suite.TIMED_STEPS

@@ -15,4 +15,11 @@ def client():
 
 @pytest.fixture(scope="session")
 def node():
-    return Node(group("rabbitmq")[0], role="rabbitmq")
+    """The standalone node (test_rabbitmq.py)."""
+    return Node(group("rabbitmq_standalone")[0], role="rabbitmq")
+
+
+@pytest.fixture(scope="session")
+def nodes():
+    """The cluster (test_rabbitmq_cluster.py)."""
+    return [Node(h, role="rabbitmq") for h in group("rabbitmq_cluster")]

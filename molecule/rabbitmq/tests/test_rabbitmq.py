@@ -162,5 +162,5 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] for b in BAD_INPUTS])
 def test_bad_input_fails_naming_the_variable_before_anything_changes(node, extra_vars, expected):
-    run_bad_input(node, "rabbitmq", ["/etc/rabbitmq/rabbitmq.conf", "/etc/rabbitmq/enabled_plugins",
+    run_bad_input(node, ["/etc/rabbitmq/rabbitmq.conf", "/etc/rabbitmq/enabled_plugins",
                                      "/var/lib/rabbitmq/.erlang.cookie"], extra_vars, expected)

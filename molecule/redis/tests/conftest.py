@@ -21,3 +21,9 @@ def cache():
 @pytest.fixture(scope="session")
 def store():
     return Node("redis-store", role="redis")
+
+
+@pytest.fixture(scope="session")
+def nodes():
+    """The replicated group (test_redis_sentinel.py)."""
+    return [Node(h, role="redis") for h in group("redis_replicated")]

@@ -210,10 +210,11 @@ BAD_INPUTS = [
     ({"redis_users": [{"name": "app", "password": "app-secret-0123", "commands": ["all"]}]}, ["redis_users[0]"]),
     ({"redis_mode": "database"}, ["redis_mode"]),
     ({"redis_maxmemory": "lots"}, ["redis_maxmemory"]),
-    ({"redis_replication_group": "redis"}, ["redis_replication_group"]),
+    # A group of two cannot elect a master: the role asks for three or more.
+    ({"redis_replication_group": "redis_standalone"}, ["redis_replication_group"]),
 ]
 
 
 @pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] for b in BAD_INPUTS])
 def test_bad_input_fails_naming_the_variable_before_anything_changes(store, extra_vars, expected):
-    run_bad_input(store, "redis", ["/etc/redis/redis.conf", "/etc/redis/users.acl"], extra_vars, expected)
+    run_bad_input(store, ["/etc/redis/redis.conf", "/etc/redis/users.acl"], extra_vars, expected)

@@ -137,20 +137,22 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.5):
         time.sleep(interval)
 
 
-def converge(node: Node, scenario: str, extra_vars: dict | None = None, timeout: float = 300):
-    """Run the scenario's converge playbook on one node, as `molecule converge` would, with extra vars."""
+def converge(limit: str, extra_vars: dict | None = None, timeout: float = 600):
+    """Run this scenario's converge playbook on `limit` (a host or group), as `molecule converge`
+    would, with extra vars."""
     env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
+    playbook = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "converge.yml"
     return subprocess.run(
-        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / f"molecule/{scenario}/converge.yml"),
-         "--limit", node.name, "-e", json.dumps(extra_vars or {})],
+        ["ansible-playbook", "-i", inventory_dir(), str(playbook), "--limit", limit,
+         "-e", json.dumps(extra_vars or {})],
         capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def run_bad_input(node: Node, scenario: str, watched_files: list[str], extra_vars: dict, expected: list[str]):
+def run_bad_input(node: Node, watched_files: list[str], extra_vars: dict, expected: list[str]):
     """Converge node with bad extra vars: it must fail naming the problem, and change nothing."""
     files = " ".join(watched_files)
     before = node.run(f"sha256sum {files}").stdout
-    proc = converge(node, scenario, extra_vars)
+    proc = converge(node.name, extra_vars)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     for text in expected:

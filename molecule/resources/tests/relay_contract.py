@@ -368,7 +368,7 @@ def check_turning_the_proxy_listener_off(relay, contract, inside, sink):
     A scenario calls this from its last test: it leaves the relay without its PROXY listener (the
     converge from scratch at the start of the scenario proves turning it on)."""
     listening = f"ss -Hltn 'sport = :{contract.proxy_port}' | grep -q LISTEN"
-    proc = converge(relay, contract.mta, {f"{contract.mta}_proxy_enabled": False})
+    proc = converge(relay.name, {f"{contract.mta}_proxy_enabled": False})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert wait_until(lambda: relay.run(listening, check=False).rc != 0, 20), "the PROXY listener is still open"
     assert relay.run(f"nft list table inet {contract.firewall_table}", check=False).rc != 0, \

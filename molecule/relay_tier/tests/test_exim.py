@@ -7,9 +7,22 @@ import re
 import shlex
 
 import pytest
-from benchlib import new_id
+from benchlib import group, new_id
+from conftest import relay_node
 from relay_contract import *  # noqa: F401,F403  the shared relay contract runs in this scenario
-from relay_contract import OUTSIDE_DOMAIN, check_turning_the_proxy_listener_off, run_bad_input
+from relay_contract import OUTSIDE_DOMAIN, RelayContract, check_turning_the_proxy_listener_off, run_bad_input
+
+
+@pytest.fixture(scope="module")
+def relay():
+    """The Exim relay the contract runs against."""
+    return relay_node(group("exim_relays")[0])
+
+
+@pytest.fixture(scope="module")
+def contract(relay):
+    return RelayContract.for_exim(relay)
+
 
 WATCHED = ["/etc/exim4/exim4.conf", "/etc/default/exim4", "/etc/mailstack/exim-proxy.nft"]
 
@@ -75,7 +88,7 @@ def test_queued_mail_shares_connections_up_to_the_messages_per_connection_limit(
     n = 2 * limit + 1
     for i in range(n):
         message = f"Subject: bulk {i}\nX-Test-Id: {test_id}-{i}\n\nqueued message {i}\n"
-        relay.run(f"printf %s {shlex.quote(message)} | exim -odq -f app@relay.exim.test user{i}@{spec['domains'][0]}")
+        relay.run(f"printf %s {shlex.quote(message)} | exim -odq -f app@{relay.vars['exim_primary_hostname']} user{i}@{spec['domains'][0]}")
     relay.run("exim -qq")
     got = sink.wait_for(test_id, count=n)
     assert len(got) == n, got
@@ -134,7 +147,7 @@ def test_limits_are_sized_from_the_host(relay):
 
 
 BAD_INPUTS = [
-    ({"exim_relay_networks": ["10.89.30.33/28"]}, ["exim_relay_networks", "10.89.30.32/28"]),
+    ({"exim_relay_networks": ["10.89.20.33/28"]}, ["exim_relay_networks", "10.89.20.32/28"]),
     ({"exim_relay_networks": ["inside-hosts"]}, ["exim_relay_networks", "inside-hosts"]),
     ({"exim_tls_private_key": "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----"},
      ["exim_tls_private_key is set but exim_tls_certificate is empty"]),
@@ -152,9 +165,9 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
 def test_bad_input_fails_naming_the_variable_before_anything_changes(relay, extra_vars, expected):
-    run_bad_input(relay, "exim", WATCHED, extra_vars, expected)
+    run_bad_input(relay, WATCHED, extra_vars, expected)
 
 
 def test_turning_the_proxy_listener_off_removes_it_and_its_firewall_and_keeps_relaying(relay, contract, inside, sink):
-    """Last in this module: it leaves the relay without its PROXY listener."""
+    """Last in the scenario (conftest.py puts it there): it leaves the relay without its PROXY listener."""
     check_turning_the_proxy_listener_off(relay, contract, inside, sink)

@@ -1,3 +1,8 @@
+"""Fixtures of the relay tier: its balancers and relays, the sink and the inside and outside clients.
+test_postfix.py and test_exim.py each run the relay contract against one relay of their MTA (their
+own `relay` and `contract` fixtures); the first balancer is the trusted PROXY sender the contract
+needs."""
+
 import sys
 from pathlib import Path
 
@@ -8,8 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "resources" / "test
 from bench_fixtures import inside, outside, pytest_configure, sink  # noqa: E402,F401  fixtures, marker
 from benchlib import Node, group  # noqa: E402
 
-
 MTA_SERVICE = {"postfix": "postfix", "exim": "exim4"}
+
+# Tests that leave a relay changed for good run after every other test of the scenario.
+LAST = ("test_turning_the_proxy_listener_off",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.name.startswith(LAST))
 
 
 def relay_node(name: str) -> Node:
@@ -28,3 +39,9 @@ def relays():
 @pytest.fixture(scope="session")
 def balancers():
     return [Node(h, role="haproxy") for h in group("balancers")]
+
+
+@pytest.fixture(scope="session")
+def balancer(balancers):
+    """The relay contract's trusted PROXY sender."""
+    return balancers[0]

@@ -6,9 +6,23 @@ import json
 import time
 
 import pytest
+from benchlib import code, group, new_id
+from conftest import relay_node
 from relay_contract import *  # noqa: F401,F403  the shared relay contract runs in this scenario
-from benchlib import code, new_id
-from relay_contract import OUTSIDE_DOMAIN, check_turning_the_proxy_listener_off, relayed, run_bad_input
+from relay_contract import (OUTSIDE_DOMAIN, RelayContract, check_turning_the_proxy_listener_off, relayed,
+                            run_bad_input)
+
+
+@pytest.fixture(scope="module")
+def relay():
+    """The Postfix relay the contract runs against."""
+    return relay_node(group("postfix_relays")[0])
+
+
+@pytest.fixture(scope="module")
+def contract(relay):
+    return RelayContract.for_postfix(relay)
+
 
 WATCHED = ["/etc/postfix/main.cf", "/etc/postfix/master.cf", "/etc/mailstack/postfix-proxy.nft"]
 
@@ -90,7 +104,7 @@ def test_queue_lifetimes_are_in_effect(relay):
 
 
 BAD_INPUTS = [
-    ({"postfix_relay_networks": ["10.89.10.33/28"]}, ["postfix_relay_networks", "10.89.10.32/28"]),
+    ({"postfix_relay_networks": ["10.89.20.33/28"]}, ["postfix_relay_networks", "10.89.20.32/28"]),
     ({"postfix_relay_networks": ["inside-hosts"]}, ["postfix_relay_networks", "inside-hosts"]),
     ({"postfix_tls_private_key": "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----"},
      ["postfix_tls_private_key is set but postfix_tls_certificate is empty"]),
@@ -105,9 +119,9 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("extra_vars,expected", BAD_INPUTS, ids=[list(b[0])[0] for b in BAD_INPUTS])
 def test_bad_input_fails_naming_the_variable_before_anything_changes(relay, extra_vars, expected):
-    run_bad_input(relay, "postfix", WATCHED, extra_vars, expected)
+    run_bad_input(relay, WATCHED, extra_vars, expected)
 
 
 def test_turning_the_proxy_listener_off_removes_it_and_its_firewall_and_keeps_relaying(relay, contract, inside, sink):
-    """Last in this module: it leaves the relay without its PROXY listener."""
+    """Last in the scenario (conftest.py puts it there): it leaves the relay without its PROXY listener."""
     check_turning_the_proxy_listener_off(relay, contract, inside, sink)

@@ -1,5 +1,5 @@
-"""The balancer tier: weighted shares, health checks, no open relay through the VIP, and VIP
-failover measured with real SMTP traffic."""
+"""The balancer tier: weighted shares, health checks, rolling relay maintenance, no open relay
+through the VIP, and VIP failover measured with real SMTP traffic."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import time
 from collections import Counter
 
 import pytest
-from benchlib import PROJECT, code, inventory_dir, new_id, wait_until
+from benchlib import PROJECT, code, converge, inventory_dir, new_id, wait_until
 
 OUTSIDE = "elsewhere.test"
 
@@ -460,12 +460,8 @@ def test_killing_a_balancer_moves_its_vip_to_the_other_which_serves_both(balance
 # ---------------------------------------------------------------- bad input and the other preset
 
 
-def converge_balancers(extra_vars, timeout=600):
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
-    return subprocess.run(
-        ["ansible-playbook", "-i", inventory_dir(), str(PROJECT / "molecule/lb_cluster/converge.yml"),
-         "--limit", "balancers", "-e", json.dumps(extra_vars)],
-        capture_output=True, text=True, env=env, timeout=timeout)
+def converge_balancers(extra_vars):
+    return converge("balancers", extra_vars)
 
 
 BAD_INPUTS = [

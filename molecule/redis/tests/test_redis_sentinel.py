@@ -3,14 +3,12 @@ SIGKILL the master's Redis and a replica is promoted while a client that finds t
 Sentinel keeps writing; a converge after the failover keeps the new master."""
 
 import json
-import os
 import shlex
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from benchlib import PROJECT, inventory_dir, new_id, wait_until
+from benchlib import converge, new_id, wait_until
 
 WRITER = Path(__file__).with_name("sentinel_writer.py")
 
@@ -130,10 +128,7 @@ def test_the_killed_node_returns_as_a_replica_of_the_new_master(nodes):
 
 def test_a_converge_after_the_failover_keeps_the_new_master(nodes):
     master = master_of(nodes)[0]
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_FORCE_COLOR="0")
-    proc = subprocess.run(["ansible-playbook", "-i", inventory_dir(),
-                           str(PROJECT / "molecule/redis_sentinel/converge.yml")],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = converge("redis_replicated")
     assert proc.returncode == 0, proc.stdout[-3000:]
     recap = proc.stdout[proc.stdout.rindex("PLAY RECAP"):]
     assert recap.count("changed=0") == len(nodes), recap
