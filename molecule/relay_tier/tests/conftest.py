@@ -31,6 +31,21 @@ def relay_node(name: str) -> Node:
     return node
 
 
+def contract_fixtures(group_name: str, contract_for):
+    """The `relay` and `contract` fixtures of a test module that runs the relay contract against the
+    first relay of group_name: `relay, contract = contract_fixtures("postfix_relays", RelayContract.for_postfix)`."""
+
+    @pytest.fixture(scope="module")
+    def relay():
+        return relay_node(group(group_name)[0])
+
+    @pytest.fixture(scope="module")
+    def contract(relay):
+        return contract_for(relay)
+
+    return relay, contract
+
+
 @pytest.fixture(scope="session")
 def relays():
     return [relay_node(h) for h in group("mail_relays")]

@@ -7,22 +7,14 @@ import re
 import shlex
 
 import pytest
-from benchlib import group, new_id
-from conftest import relay_node
+from benchlib import new_id
+from conftest import contract_fixtures
 from relay_contract import *  # noqa: F401,F403  the shared relay contract runs in this scenario
 from relay_contract import OUTSIDE_DOMAIN, RelayContract, check_turning_the_proxy_listener_off, run_bad_input
 
 
-@pytest.fixture(scope="module")
-def relay():
-    """The Exim relay the contract runs against."""
-    return relay_node(group("exim_relays")[0])
-
-
-@pytest.fixture(scope="module")
-def contract(relay):
-    return RelayContract.for_exim(relay)
-
+# The relay the contract runs against: the first Exim relay.
+relay, contract = contract_fixtures("exim_relays", RelayContract.for_exim)
 
 WATCHED = ["/etc/exim4/exim4.conf", "/etc/default/exim4", "/etc/mailstack/exim-proxy.nft"]
 

@@ -6,23 +6,15 @@ import json
 import time
 
 import pytest
-from benchlib import code, group, new_id
-from conftest import relay_node
+from benchlib import code, new_id
+from conftest import contract_fixtures
 from relay_contract import *  # noqa: F401,F403  the shared relay contract runs in this scenario
 from relay_contract import (OUTSIDE_DOMAIN, RelayContract, check_turning_the_proxy_listener_off, relayed,
                             run_bad_input)
 
 
-@pytest.fixture(scope="module")
-def relay():
-    """The Postfix relay the contract runs against."""
-    return relay_node(group("postfix_relays")[0])
-
-
-@pytest.fixture(scope="module")
-def contract(relay):
-    return RelayContract.for_postfix(relay)
-
+# The relay the contract runs against: the first Postfix relay.
+relay, contract = contract_fixtures("postfix_relays", RelayContract.for_postfix)
 
 WATCHED = ["/etc/postfix/main.cf", "/etc/postfix/master.cf", "/etc/mailstack/postfix-proxy.nft"]
 
