@@ -117,6 +117,7 @@ class Counts:
     failed: int = 0
     skipped: int = 0
     tests: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)  # (id, seconds, outcome)
+    reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # failed test id -> first line of why
 
     @classmethod
     def from_junit(cls, paths: list[Path]) -> "Counts":
@@ -125,8 +126,11 @@ class Counts:
         for case in cases:
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
             outcome = "passed"
-            if case.find("failure") is not None or case.find("error") is not None:
+            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if problem is not None:
                 outcome = "failed"
+                why = (problem.get("message") or problem.text or "").strip().splitlines()
+                counts.reasons[name] = why[0][:160] if why else ""
             elif case.find("skipped") is not None:
                 outcome = "skipped"
             setattr(counts, outcome, getattr(counts, outcome) + 1)
@@ -356,8 +360,17 @@ class Runner:
         return time.monotonic() - started
 
 
+def short_test_id(name: str) -> str:
+    """`molecule.relay_tier.tests.test_postfix::test_x[a.b]` -> `test_postfix::test_x[a.b]`."""
+    module, _, test = name.partition("::")
+    return f"{module.rsplit('.', 1)[-1]}::{test}"
+
+
 def summary(jobs: list[Job], seconds: float) -> list[str]:
-    lines = [f"{'job':<22} {'release':<9} {'time':>7} {'passed':>7} {'failed':>7}  result"]
+    # The failed tests first, one line each, so that even the tail of a CI log says which and why.
+    lines = [f"FAILED {job.key} {short_test_id(name)}: {job.counts.reasons.get(name, '')}"
+             for job in jobs for name, _, outcome in job.counts.tests if outcome == "failed"]
+    lines += [f"{'job':<22} {'release':<9} {'time':>7} {'passed':>7} {'failed':>7}  result"]
     for job in jobs:
         if not job.steps_done and job.ok:
             continue

@@ -109,6 +109,21 @@ def test_the_summary_counts_tests_and_a_job_that_failed_outside_them(tmp_path):
     assert lines[-1] == "5 passed, 1 failed"
 
 
+def test_the_summary_names_each_failed_test_and_why_before_the_table(tmp_path):
+    path = tmp_path / "relay_tier-debian12.verify.junit.xml"
+    path.write_text('<testsuites><testsuite><testcase classname="test_postfix" name="test_a" time="1"/>'
+                    '<testcase classname="test_postfix" name="test_b" time="1">'
+                    '<failure message="AssertionError: no 250 within 30 s&#10;second line"/></testcase>'
+                    '</testsuite></testsuites>')
+    job = suite.Job("molecule", "relay_tier", "debian12", [])
+    job.steps_done = [suite.StepResult("verify", 10, False, 0.5)]
+    job.ok, job.counts = False, suite.Counts.from_junit([path])
+    lines = suite.summary([job], 10)
+    assert lines[0] == "FAILED relay_tier-debian12 test_postfix::test_b: AssertionError: no 250 within 30 s"
+    assert lines[1].startswith("job ")
+    assert lines[-1] == "1 passed, 1 failed"
+
+
 def test_counts_and_the_profile_are_read_back_from_what_the_runner_wrote(tmp_path):
     (tmp_path / "redis-debian12.verify-all.junit.xml").write_text(
         '<testsuites><testsuite><testcase classname="t" name="a" time="1.5"/>'
