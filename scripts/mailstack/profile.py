@@ -2,7 +2,9 @@
 
 The runner writes one JSON-lines file per job to .cache/timings/: a record per step (its wall
 time, how busy the machine's CPUs were, how long it waited for a timed step elsewhere), a record
-per Ansible task from the mailstack_timings callback, and pytest's JUnit XML of the tests. This
+per Ansible task from the mailstack_timings callback, a record per test or task that gave way to a
+timed step elsewhere (mailstack.gate: left out of its step's time, counted as waited), and
+pytest's JUnit XML of the tests. This
 reads them back and prints two tables: the steps of every job, and what the playbook steps spent
 their time on (apt, waiting loops, service starts and handlers, fact gathering, other tasks),
 then the slowest tasks and tests.
@@ -65,17 +67,24 @@ def load(directory: Path = TIMINGS) -> list[JobProfile]:
         busy_weighted: dict[str, float] = collections.defaultdict(float)
         kinds: dict[str, float] = collections.defaultdict(float)
         tasks, waited = [], 0.0
+        gave_way: dict[str, float] = collections.defaultdict(float)
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if record["kind"] == "step":
                 steps[record["step"]] += record["seconds"]
                 busy_weighted[record["step"]] += record["busy"] * record["seconds"]
                 waited += record.get("waited", 0.0)
+            elif record["kind"] == "wait":    # a test or task of the step gave way (mailstack.gate)
+                gave_way[record["step"]] += record["seconds"]
+                waited += record["seconds"]
             elif record["kind"] == "task":
                 if record["step"] in ("converge", "idempotence", "prepare", "create", "destroy", "lab-up", "lab-again"):
                     kinds[kind_of(record)] += record["seconds"]
                 tasks.append(record)
         busy = {s: busy_weighted[s] / steps[s] for s in steps if steps[s]}
+        for step, seconds in gave_way.items():   # a step's time is its work, not its waits
+            if step in steps:
+                steps[step] = max(0.0, steps[step] - seconds)
         key = path.name[:-len(".jsonl")]
         profiles.append(JobProfile(key, dict(steps), busy, waited, dict(kinds), tasks,
                                    Counts.from_junit(sorted(directory.glob(f"{key}.*.junit.xml")))))

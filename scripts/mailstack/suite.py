@@ -5,10 +5,11 @@ every step is timed and recorded (.cache/timings/, read by `mailstack-testbench 
 that the tests that measure time can run alone. Jobs (a scenario or the lab proof on one release)
 run `--jobs` at a time. Tests that measure time or loss under load are marked `timed`; a
 scenario that has such tests says so in its molecule.yml (`bench_measures_time: true`) and runs
-them in a step of their own (verify-timed), as the lab proof does (operations). While such a step
-runs no other step starts, and it starts only when the steps already running have finished. The
-same scenario never runs twice at once (its containers and network have fixed names). At the end
-one table gives each job's time and its tests passed and failed, and a last line the totals.
+them in a step of their own (verify-timed), as the lab proof does (operations). Such a step runs
+alone: the other jobs give way to it between two tests or two Ansible tasks (mailstack.gate), so
+it starts once the tests and tasks running elsewhere have ended, and none starts until it is done.
+The same scenario never runs twice at once (its containers and network have fixed names). At the
+end one table gives each job's time and its tests passed and failed, and a last line the totals.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from pathlib import Path
 import click
 import yaml
 
+from mailstack.gate import ENV as GATE_ENV
+from mailstack.gate import Gate
 from mailstack.testbench import CACHE, ROOT, BenchError, podman_env, write_containers_conf
 
 TIMINGS = CACHE / "timings"
+GATE = CACHE / "gate"
 LOGS = CACHE / "logs"
 CALLBACKS = ROOT / "scripts" / "testbench" / "callback_plugins"
 
@@ -51,46 +55,6 @@ def merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-# ---------------------------------------------------------------- the gate for timed steps
-
-class Gate:
-    """Shared for ordinary steps, exclusive for steps that measure time (writers first)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    @contextlib.contextmanager
-    def shared(self):
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        with self._cond:
-            self._waiting_writers += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting_writers -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
 
 
 def cpu_times() -> tuple[int, int]:
@@ -179,13 +143,22 @@ class Job:
         env = podman_env()
         env.update({
             "TEST_DISTRO": self.distro, "ANSIBLE_FORCE_COLOR": "0", "PY_COLORS": "0",
-            "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS), "ANSIBLE_CALLBACKS_ENABLED": "mailstack_timings",
+            "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS),
+            "ANSIBLE_CALLBACKS_ENABLED": "mailstack_gate,mailstack_timings",
             "MAILSTACK_TIMINGS": str(self.timings), "MAILSTACK_STEP": step,
             # One state directory per scenario and release: both releases can be on the go at once.
             "MOLECULE_EPHEMERAL_DIRECTORY": str(self.state_dir),
         })
+        addopts = [f"--junitxml={self.junit(step)}", PYTEST_STEPS.get(step, "")]
+        # How this step gives way to a timed step elsewhere: between tests, between Ansible tasks
+        # (the lab's first two steps are one long test each), or not at all (it is the timed one,
+        # or the runner holds the gate for the whole of a short step).
+        if GIVES_WAY.get(step) in ("test", "task"):
+            env[GATE_ENV] = str(GATE)
+        if GIVES_WAY.get(step) == "test":
+            addopts.append("-p mailstack.pytest_gate")
         if step in PYTEST_STEPS:
-            env["PYTEST_ADDOPTS"] = f"--junitxml={self.junit(step)} {PYTEST_STEPS[step]}".strip()
+            env["PYTEST_ADDOPTS"] = " ".join(a for a in addopts if a)
         if self.kind == "lab" and step != "down":
             env["MAILSTACK_KEEP_LAB"] = "1"       # the steps after this one need it
         if self.kind == "lab" and step not in ("lab-up", "down"):
@@ -214,6 +187,14 @@ PYTEST_STEPS = {
     "unit": "",
 }
 TIMED_STEPS = frozenset({"verify-timed", "operations"})
+# Where each step that does not measure time gives way to one that does (mailstack.gate): "test"
+# (the pytest plugin), "task" (the Ansible callback), "step" (the runner holds the gate while the
+# whole step runs: it is short and runs neither pytest nor Ansible, or runs one long test).
+GIVES_WAY = {
+    "create": "task", "prepare": "task", "converge": "task", "idempotence": "task", "destroy": "task",
+    "verify": "test", "verify-all": "test", "lab-verify": "test",
+    "lab-up": "task", "lab-again": "task", "down": "step", "unit": "step",
+}
 
 
 def molecule_job(name: str, distro: str) -> Job:
@@ -255,7 +236,7 @@ class Runner:
         self.pending = list(jobs)
         self.jobs = list(jobs)
         self.slots = max(1, slots)
-        self.gate = Gate()
+        self.gate = Gate(GATE)
         self.echo = echo
         self._lock = threading.Lock()
         self._busy_names: set[str] = set()
@@ -286,7 +267,9 @@ class Runner:
     def run_step(self, job: Job, step: str) -> StepResult:
         timed = step in TIMED_STEPS
         asked = time.monotonic()
-        with (self.gate.exclusive() if timed else self.gate.shared()):
+        hold = self.gate.exclusive() if timed else (
+            self.gate.shared() if GIVES_WAY.get(step) == "step" else contextlib.nullcontext())
+        with hold:
             waited = time.monotonic() - asked
             busy0, total0 = cpu_times()
             started, started_at = time.monotonic(), time.time()

@@ -3,32 +3,33 @@ the summary, the profile, and that every scenario with timed tests says so."""
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from mailstack import profile, suite
+from mailstack import gate, profile, suite
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_timed_step_waits_for_running_steps_and_runs_alone():
-    gate = suite.Gate()
+def test_a_timed_step_waits_for_running_work_and_runs_alone(tmp_path):
     events = []
     shared_in = threading.Event()
     release_shared = threading.Event()
 
     def ordinary(name):
-        with gate.shared():
+        with gate.Gate(tmp_path).shared():
             events.append(f"{name} in")
             shared_in.set()
             release_shared.wait(5)
             events.append(f"{name} out")
 
     def timed():
-        with gate.exclusive():
+        with gate.Gate(tmp_path).exclusive():
             events.append("timed in")
             time.sleep(0.1)
             events.append("timed out")
@@ -38,16 +39,72 @@ def test_a_timed_step_waits_for_running_steps_and_runs_alone():
     shared_in.wait(5)
     alone = threading.Thread(target=timed)
     alone.start()
-    time.sleep(0.1)
-    # A step that asks after the timed one waits behind it, even though only a shared step runs.
+    time.sleep(0.2)
+    # Work that asks after the timed step waits behind it, even though only shared work runs.
     late = threading.Thread(target=ordinary, args=("b",))
     late.start()
-    time.sleep(0.1)
+    time.sleep(0.2)
     assert events == ["a in"]
     release_shared.set()
     for t in (first, alone, late):
         t.join(5)
     assert events == ["a in", "a out", "timed in", "timed out", "b in", "b out"]
+
+
+def test_another_process_gives_way_between_two_units_of_work_and_counts_its_wait(tmp_path):
+    """The Ansible callback's way: enter() before each task holds the gate until the next one."""
+    script = (
+        "import sys, time\n"
+        "from mailstack import gate\n"
+        "g = gate.Gate(sys.argv[1])\n"
+        "g.enter(); print('task 1', flush=True); time.sleep(0.5)\n"
+        "waited = g.enter(); print(f'task 2 after {waited:.1f}', flush=True)\n"
+        "g.leave()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "task 1\n"
+    timed_ran = []
+
+    def timed():
+        with gate.Gate(tmp_path).exclusive():   # waits for task 1 to end, holds off task 2
+            timed_ran.append(time.monotonic())
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=timed)
+    thread.start()
+    line = proc.stdout.readline()
+    thread.join(5)
+    assert proc.wait(10) == 0 and timed_ran
+    assert line.startswith("task 2 after") and float(line.split()[-1]) >= 0.8, line
+
+
+def test_a_task_time_leaves_out_its_wait_and_the_wait_is_recorded(tmp_path, monkeypatch):
+    timings = tmp_path / "job.jsonl"
+    monkeypatch.setenv("MAILSTACK_TIMINGS", str(timings))
+    monkeypatch.setenv("MAILSTACK_STEP", "converge")
+    gate.record_wait(12.5, "Install Postfix")
+    gate.record_wait(0.01, "too short to note")
+    timings.write_text(timings.read_text() + json.dumps(
+        {"kind": "step", "step": "converge", "at": 0, "seconds": 100.0, "ok": True, "busy": 0.5,
+         "waited": 0.0, "alone": False}) + "\n")
+    (job,) = profile.load(tmp_path)
+    assert job.steps["converge"] == 87.5 and job.waited == 12.5
+
+
+def test_each_step_that_does_not_measure_time_gives_way_and_the_timed_ones_do_not(tmp_path):
+    job = suite.molecule_job("relay_tier", "debian12")
+    lab = suite.lab_job("debian12")
+    for j in (job, lab):
+        for step in j.steps:
+            env = j.env(step)
+            if step in suite.TIMED_STEPS:
+                assert gate.ENV not in env, step
+                assert "pytest_gate" not in env.get("PYTEST_ADDOPTS", ""), step
+            else:
+                assert suite.GIVES_WAY[step] in ("test", "task", "step"), step
+    assert job.env("converge")[gate.ENV] and "mailstack_gate" in job.env("converge")["ANSIBLE_CALLBACKS_ENABLED"]
+    assert "-p mailstack.pytest_gate" in job.env("verify")["PYTEST_ADDOPTS"]
+    # The lab's first build is one long test: its Ansible tasks give way, not the test.
+    assert lab.env("lab-up")[gate.ENV] and "pytest_gate" not in lab.env("lab-up")["PYTEST_ADDOPTS"]
 
 
 def test_a_scenario_with_timed_tests_verifies_them_first_in_a_step_of_their_own():
