@@ -5,7 +5,8 @@ every step is timed and recorded (.cache/timings/, read by `mailstack-testbench 
 that the tests that measure time can run alone. Jobs (a scenario or the lab proof on one release)
 run `--jobs` at a time. Tests that measure time or loss under load are marked `timed`; a
 scenario that has such tests says so in its molecule.yml (`bench_measures_time: true`) and runs
-them in a step of their own (verify-timed), as the lab proof does (operations). Such a step runs
+them in a step of their own (verify-timed, between its ordinary tests and those marked `last`), as
+the lab proof does (operations). Such a step runs
 alone: the other jobs give way to it between two tests or two Ansible tasks (mailstack.gate), so
 it starts once the tests and tasks running elsewhere have ended, and none starts until it is done.
 The same scenario never runs twice at once (its containers and network have fixed names). At the
@@ -179,7 +180,9 @@ class Job:
 # The steps that run pytest, and the tests each runs: the tests marked `timed` measure time or loss
 # under load, and run in a step of their own while nothing else runs.
 PYTEST_STEPS = {
-    "verify-timed": "-m timed", "verify": "-m 'not timed'",    # a scenario with timed tests
+    # A scenario with timed tests: the ordinary ones, the timed ones, those that leave it changed.
+    "verify": "-m 'not timed and not last'", "verify-timed": "-m timed",
+    "verify-last": "-m 'last and not timed'",
     "verify-all": "",                                            # a scenario without
     # The lab proof: the first lab up, the second, the other tests, the timed ones.
     "lab-up": "-k test_first_up", "lab-again": "-k test_second_up",
@@ -192,17 +195,32 @@ TIMED_STEPS = frozenset({"verify-timed", "operations"})
 # whole step runs: it is short and runs neither pytest nor Ansible, or runs one long test).
 GIVES_WAY = {
     "create": "task", "prepare": "task", "converge": "task", "idempotence": "task", "destroy": "task",
-    "verify": "test", "verify-all": "test", "lab-verify": "test",
+    "verify": "test", "verify-last": "test", "verify-all": "test", "lab-verify": "test",
     "lab-up": "task", "lab-again": "task", "down": "step", "unit": "step",
 }
 
 
+def scenario_tests_text(name: str) -> str:
+    """The source of a scenario's tests, with the shared relay contract when they import it."""
+    text = "".join(p.read_text() for p in sorted((ROOT / "molecule" / name / "tests").glob("*.py")))
+    if "from relay_contract import *" in text:
+        text += (ROOT / "molecule" / "resources" / "tests" / "relay_contract.py").read_text()
+    return text
+
+
 def molecule_job(name: str, distro: str) -> Job:
-    """The scenario's test sequence, its verify step in two when it has tests that measure time:
-    those first, alone, then the others (which may leave the scenario changed, as the last test of
-    a relay scenario does when it turns the PROXY listener off)."""
+    """The scenario's test sequence, its verify step in parts when it has tests that measure time:
+    the ordinary tests, then those that measure time, alone, then the tests marked `last`, which
+    leave the scenario changed for good (a relay without its PROXY listener). In this order the
+    ordinary tests meet nothing the timed ones leave behind: after a failover test, a balancer
+    that had lost a VIP still held a session to a relay, and a rolling-maintenance test that came
+    next waited its whole drain timeout for it (seen in two runs)."""
     config = scenario_config(name)
-    verify = ["verify-timed", "verify"] if config.get("driver", {}).get("bench_measures_time") else ["verify-all"]
+    verify = ["verify-all"]
+    if config.get("driver", {}).get("bench_measures_time"):
+        verify = ["verify", "verify-timed"]
+        if "@pytest.mark.last" in scenario_tests_text(name):
+            verify.append("verify-last")
     steps = [s2 for s in config["scenario"]["test_sequence"] for s2 in (verify if s == "verify" else [s])]
     # The job starts from an empty state directory (run_job), and create.yml removes containers
     # and connections an earlier run left: a destroy first would only repeat that.

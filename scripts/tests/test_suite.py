@@ -107,13 +107,14 @@ def test_each_step_that_does_not_measure_time_gives_way_and_the_timed_ones_do_no
     assert lab.env("lab-up")[gate.ENV] and "pytest_gate" not in lab.env("lab-up")["PYTEST_ADDOPTS"]
 
 
-def test_a_scenario_with_timed_tests_verifies_them_first_in_a_step_of_their_own():
+def test_a_scenario_with_timed_tests_verifies_them_in_a_step_of_their_own_before_the_last_ones():
     job = suite.molecule_job("relay_tier", "debian12")
     assert job.steps == ["create", "prepare", "converge", "idempotence",
-                         "verify-timed", "verify", "destroy"]
+                         "verify", "verify-timed", "verify-last", "destroy"]
     assert job.command("verify-timed") == ["molecule", "verify", "-s", "relay_tier"]
     assert "-m timed" in job.env("verify-timed")["PYTEST_ADDOPTS"]
-    assert "-m 'not timed'" in job.env("verify")["PYTEST_ADDOPTS"]
+    assert "-m 'not timed and not last'" in job.env("verify")["PYTEST_ADDOPTS"]
+    assert "-m 'last and not timed'" in job.env("verify-last")["PYTEST_ADDOPTS"]
     assert "verify-timed" in suite.TIMED_STEPS and "verify" not in suite.TIMED_STEPS
 
 
@@ -138,11 +139,17 @@ def test_the_lab_proof_runs_its_timed_tests_alone_on_the_lab_it_built(monkeypatc
 
 
 def scenario_has_timed_tests(name: str) -> bool:
-    tests = (ROOT / "molecule" / name / "tests").glob("*.py")
-    text = "".join(p.read_text() for p in tests)
-    uses_contract = "from relay_contract import *" in text
-    contract = (ROOT / "molecule/resources/tests/relay_contract.py").read_text()
-    return "@pytest.mark.timed" in text or (uses_contract and "@pytest.mark.timed" in contract)
+    return "@pytest.mark.timed" in suite.scenario_tests_text(name)
+
+
+@pytest.mark.parametrize("name", suite.all_scenarios())
+def test_a_scenario_with_tests_marked_last_also_has_timed_ones(name):
+    """Without timed tests the scenario verifies in one step, where bench_fixtures sorts `last` last;
+    a scenario whose tests import that sorting declares it in conftest.py."""
+    text = suite.scenario_tests_text(name)
+    if "@pytest.mark.last" in text:
+        conftest = (ROOT / "molecule" / name / "tests" / "conftest.py").read_text()
+        assert "pytest_collection_modifyitems" in conftest, f"molecule/{name}: `last` tests are not sorted last"
 
 
 @pytest.mark.parametrize("name", suite.all_scenarios())

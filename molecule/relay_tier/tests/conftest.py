@@ -10,17 +10,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "resources" / "tests"))
 
-from bench_fixtures import inside, outside, pytest_configure, sink  # noqa: E402,F401  fixtures, marker
+from bench_fixtures import (inside, outside, pytest_collection_modifyitems, pytest_configure,  # noqa: E402,F401
+                            sink)  # fixtures, the markers, the `last` tests last
 from benchlib import Node, group  # noqa: E402
 
 MTA_SERVICE = {"postfix": "postfix", "exim": "exim4"}
-
-# Tests that leave a relay changed for good run after every other test of the scenario.
-LAST = ("test_turning_the_proxy_listener_off",)
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.name.startswith(LAST))
 
 
 def relay_node(name: str) -> Node:

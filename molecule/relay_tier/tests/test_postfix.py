@@ -114,6 +114,7 @@ def test_bad_input_fails_naming_the_variable_before_anything_changes(relay, extr
     run_bad_input(relay, WATCHED, extra_vars, expected)
 
 
+@pytest.mark.last
 def test_turning_the_proxy_listener_off_removes_it_and_its_firewall_and_keeps_relaying(relay, contract, inside, sink):
-    """Last in the scenario (conftest.py puts it there): it leaves the relay without its PROXY listener."""
+    """Marked `last`: it leaves the relay without its PROXY listener, so it runs after every other test."""
     check_turning_the_proxy_listener_off(relay, contract, inside, sink)

@@ -27,4 +27,12 @@ def outside():
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "timed: measures time, or loss under load; the bench runs it alone (verify-timed step), "
-                   "before the scenario's other tests")
+                   "after the scenario's ordinary tests")
+    config.addinivalue_line(
+        "markers", "last: leaves the scenario changed for good; runs after every other test (in a scenario "
+                   "with timed tests, in a step of its own: verify-last)")
+
+
+def pytest_collection_modifyitems(items):
+    # `molecule verify` run by hand runs everything: the tests that leave the scenario changed last.
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)

@@ -365,7 +365,7 @@ def check_turning_the_proxy_listener_off(relay, contract, inside, sink):
     """<mta>_proxy_enabled: false takes the PROXY listener, the firewall unit, its drop-in, rules and
     nftables table away (proxy_firewall with state absent) while the MTA keeps running and port 25
     keeps relaying (the MTA's unit required the firewall: removing it must not stop the MTA).
-    A scenario calls this from its last test: it leaves the relay without its PROXY listener (the
+    A scenario calls this from a test marked `last`: it leaves the relay without its PROXY listener (the
     converge from scratch at the start of the scenario proves turning it on)."""
     listening = f"ss -Hltn 'sport = :{contract.proxy_port}' | grep -q LISTEN"
     proc = converge(relay.name, {f"{contract.mta}_proxy_enabled": False})
