@@ -265,16 +265,17 @@ class Runner:
             self.echo(text)
 
     def next_job(self) -> Job | None:
-        """The first pending job whose scenario is not running now; None when all are taken."""
+        """The next job to start (pick_next) among those whose scenario is not running now; None
+        when all are taken."""
         with self._wake:
             while True:
                 if not self.pending:
                     return None
-                for job in self.pending:
-                    if job.name not in self._busy_names:
-                        self.pending.remove(job)
-                        self._busy_names.add(job.name)
-                        return job
+                job = pick_next(self.pending, self._busy_names)
+                if job is not None:
+                    self.pending.remove(job)
+                    self._busy_names.add(job.name)
+                    return job
                 self._wake.wait()
 
     def release(self, job: Job) -> None:
@@ -385,6 +386,21 @@ def summary(jobs: list[Job], seconds: float) -> list[str]:
     lines.append(f"wall time {seconds:.0f}s, {len(jobs)} job(s), {len(failed_jobs)} failed")
     lines.append(f"{passed} passed, {failed} failed")
     return lines
+
+
+def pick_next(pending: list[Job], running: set[str]) -> Job | None:
+    """The unit tests first; then, of the jobs whose scenario is not running, the one whose scenario
+    has the most stated cost left to run, the costliest of those. The releases of one scenario run
+    one after the other, so a scenario's jobs left pending are a chain: starting the longest chain
+    first keeps two short jobs of one scenario from being left for the end, where they would run one
+    after the other while the other slot has nothing to do (seen: the two Redis jobs, 270 s)."""
+    free = [j for j in pending if j.name not in running]
+    if not free:
+        return None
+    left: dict[str, float] = {}
+    for job in pending:
+        left[job.name] = left.get(job.name, 0.0) + job.cost
+    return max(free, key=lambda j: (j.kind == "unit", left[j.name], j.cost))
 
 
 def plan(distros: list[str], names: list[str], with_lab: bool, with_unit: bool) -> list[Job]:

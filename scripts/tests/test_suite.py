@@ -224,3 +224,18 @@ def test_the_costliest_jobs_start_first_after_the_unit_tests():
     assert jobs[0].kind == "unit"
     costs = [j.cost for j in jobs[1:]]
     assert costs == sorted(costs, reverse=True)
+    assert suite.pick_next(jobs, set()).kind == "unit"
+
+
+def test_the_scenario_with_the_most_cost_left_goes_next_so_no_two_releases_of_one_are_left_for_the_end():
+    def job(name, distro, cost):
+        return suite.Job("molecule", name, distro, [], cost=cost)
+    rt13, lab13, rab12, rab13, red12, red13 = (job("rt", "13", 700), job("lab", "13", 470), job("rab", "12", 380),
+                                               job("rab", "13", 380), job("red", "12", 260), job("red", "13", 260))
+    pending = [rt13, lab13, rab12, rab13, red12, red13]
+    # rt runs: of the others, rabbitmq has 760 s left, Redis 520, the lab 470.
+    assert suite.pick_next(pending, {"rt"}) is rab12
+    pending.remove(rab12)
+    # rt and rabbitmq run: Redis (520 left) before the lab's single job (470).
+    assert suite.pick_next(pending, {"rt", "rab"}) is red12
+    assert suite.pick_next([red13], {"red"}) is None
