@@ -22,7 +22,8 @@ from mailstack.suite import TIMINGS, Counts
 STEP_COLUMNS = ["create", "prepare", "converge", "idempotence", "verify", "timed", "destroy"]
 # Which column a step's time goes to: the timed column holds the steps that ran alone.
 COLUMN_OF = {"create": "create", "prepare": "prepare", "converge": "converge", "idempotence": "idempotence",
-             "verify": "verify", "verify-all": "verify", "verify-timed": "timed", "operations": "timed",
+             "verify": "verify", "verify-all": "verify", "verify-last": "verify",
+             "verify-timed": "timed", "operations": "timed",
              "destroy": "destroy", "down": "destroy",
              # the lab proof: its first lab up builds and converges, the second must change nothing
              "lab-up": "converge", "lab-again": "idempotence", "lab-verify": "verify"}

@@ -188,6 +188,12 @@ def test_the_summary_names_each_failed_test_and_why_before_the_table(tmp_path):
     assert lines[-1] == "1 passed, 1 failed"
 
 
+def test_every_step_the_runner_runs_has_its_column_in_the_profile():
+    jobs = suite.plan(["debian12"], suite.all_scenarios(), with_lab=True, with_unit=False)
+    steps = {step for job in jobs for step in job.steps}
+    assert steps - set(profile.COLUMN_OF) == set()
+
+
 def test_counts_and_the_profile_are_read_back_from_what_the_runner_wrote(tmp_path):
     (tmp_path / "redis-debian12.verify-all.junit.xml").write_text(
         '<testsuites><testsuite><testcase classname="t" name="a" time="1.5"/>'
