@@ -6,9 +6,9 @@ that the tests that measure time can run alone. Jobs (a scenario or the lab proo
 run `--jobs` at a time. Tests that measure time or loss under load are marked `timed`; a
 scenario that has such tests says so in its molecule.yml (`bench_measures_time: true`) and runs
 them in a step of their own (verify-timed, between its ordinary tests and those marked `last`), as
-the lab proof does (operations). Such a step runs
-alone: the other jobs give way to it between two tests or two Ansible tasks (mailstack.gate), so
-it starts once the tests and tasks running elsewhere have ended, and none starts until it is done.
+the lab proof does (operations). Such a step runs alone: the other jobs give way to it between two
+tests or two Ansible tasks (mailstack.gate), so it starts once the tests and tasks running
+elsewhere have ended, and none starts until it is done.
 The same scenario never runs twice at once (its containers and network have fixed names). At the
 end one table gives each job's time and its tests passed and failed, and a last line the totals.
 """
@@ -192,7 +192,7 @@ PYTEST_STEPS = {
 TIMED_STEPS = frozenset({"verify-timed", "operations"})
 # Where each step that does not measure time gives way to one that does (mailstack.gate): "test"
 # (the pytest plugin), "task" (the Ansible callback), "step" (the runner holds the gate while the
-# whole step runs: it is short and runs neither pytest nor Ansible, or runs one long test).
+# whole step runs: the unit tests and removing the lab, both short).
 GIVES_WAY = {
     "create": "task", "prepare": "task", "converge": "task", "idempotence": "task", "destroy": "task",
     "verify": "test", "verify-last": "test", "verify-all": "test", "lab-verify": "test",
