@@ -59,13 +59,16 @@ def main() -> None:
               help="To read an inventory whose vault is encrypted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def check_cmd(inventory: str, vault_password_file: str | None, as_json: bool) -> None:
-    """Validate an inventory before any playbook runs on it.
+    """Validate an inventory before any playbook runs on it, contacting no host.
 
-    Checks relay weights (whole numbers 0-256), VRRP router ids (1-255, unique), VIPs (addresses
-    inside the balancers' network, held by no host), priorities, the groups the roles need, that
-    every secret is defined (and names the vault variables that are not), that the relays trust
-    exactly the balancers' PROXY headers and no relay network opens a relay to everyone, and
-    the roles' argument types. Single points of failure are warnings.
+    Runs the checks that playbooks/check.yml (and so site.yml and every tier playbook) runs first
+    on real hosts, the same rules: each role's argument types and its own checks on every host
+    that gets it, and the inventory as a whole (groups, addresses used twice, misspelt variables,
+    the relays' trust in the balancers and the PROXY ports both sides use, VIPs and router ids,
+    cluster sizes, certificates). Every finding names the host, the variable, the file:line that
+    sets it and what to write instead. Single points of failure and self-signed certificates
+    outside the lab are warnings; role variables left to a fact of the host are notes (checked
+    with a stand-in).
 
     Exit code: 1 on errors, 0 when there are only warnings.
 
@@ -73,12 +76,15 @@ def check_cmd(inventory: str, vault_password_file: str | None, as_json: bool) ->
     Example:
       mailstack check -i inventories/production --vault-password-file ~/.vault-pass
     """
-    from mailstack.checks import check, format_report
+    from mailstack.checks import CheckError, check, format_report
 
-    report = check(load(inventory, vault_password_file))
+    try:
+        report = check(load(inventory, vault_password_file), vault_password_file)
+    except CheckError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         emit_json({"inventory": inventory, "errors": len(report.errors), "warnings": len(report.warnings),
-                   "findings": [f.as_dict() for f in report.errors + report.warnings]})
+                   "notes": len(report.notes), "findings": [f.as_dict() for f in report.findings]})
     else:
         for line in format_report(report, inventory):
             click.echo(line)
@@ -88,16 +94,17 @@ def check_cmd(inventory: str, vault_password_file: str | None, as_json: bool) ->
 # ---------------------------------------------------------------- weights
 
 def weights_table(inv: Inventory) -> list[dict]:
-    from mailstack.checks import Checker
-
-    checker = Checker(inv)
     balancers = inv.hosts("balancers")
     if not balancers:
         raise click.ClickException("the inventory has no balancers group: there are no backends")
     lb = balancers[0]
-    group = checker.setting(lb, "haproxy", "haproxy_backend_group", "mail_relays")
-    weight_var = checker.setting(lb, "haproxy", "haproxy_weight_variable", "mail_relay_weight")
-    frontends = checker.setting(lb, "haproxy", "haproxy_frontends", []) or []
+    try:
+        group = inv.setting(lb, "haproxy", "haproxy_backend_group")
+        weight_var = inv.setting(lb, "haproxy", "haproxy_weight_variable")
+        frontends = inv.setting(lb, "haproxy", "haproxy_frontends") or []
+        balance = inv.setting(lb, "haproxy", "haproxy_balance")
+    except Undefined as exc:
+        raise click.ClickException(f"{lb}: {exc.name} {exc}; run `mailstack check`") from None
     relays = []
     for host in inv.hosts(group):
         try:
@@ -109,7 +116,7 @@ def weights_table(inv: Inventory) -> list[dict]:
                                        f"(got {weight!r}); run `mailstack check`")
         groups = inv.groups_of(host)
         relays.append({"host": host, "mta": "exim" if "exim_relays" in groups else "postfix",
-                       "address": checker.address(host), "weight": weight,
+                       "address": inv.address(host), "weight": weight,
                        "weight_set": inv.defines(host, weight_var)})
     total = sum(r["weight"] for r in relays)
     for r in relays:
@@ -118,7 +125,7 @@ def weights_table(inv: Inventory) -> list[dict]:
     for fe in frontends:
         backends.append({"backend": f"be_{fe['name']}", "frontend_port": fe["port"],
                          "relay_port": fe.get("proxy_backend_port") or fe.get("backend_port"),
-                         "balance": checker.setting(lb, "haproxy", "haproxy_balance", "roundrobin"),
+                         "balance": balance,
                          "relays": relays})
     return backends
 

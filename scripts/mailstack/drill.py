@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-from mailstack.checks import Checker
 from mailstack.inventory import Inventory
 from mailstack.testbench import ROOT, podman_env
 
@@ -124,7 +123,7 @@ def vips_of(inv: Inventory) -> list[tuple[str, str, str]]:
     """(VIP, preferred balancer, VRRP instance) for every VIP of the balancers."""
     if not inv.hosts("balancers"):
         raise DrillError("the inventory has no balancers")
-    vips = Checker(inv).vips()
+    vips = inv.vips()
     if not vips:
         raise DrillError("the balancers have no VIP")
     return vips

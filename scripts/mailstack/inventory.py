@@ -1,11 +1,16 @@
 """An Ansible inventory as the mailstack CLI sees it: hosts, groups, and each host's variables as
 ansible-playbook would resolve them (group_vars, host_vars, precedence, templating), read through
-ansible-core's own inventory and variable managers, with the file each value came from.
+ansible-core's own inventory and variable managers; a role's settings for a host (its defaults and
+vars templated for that host, as the role sees them); and the file and line each value came from.
+
+It judges nothing: the rules are the roles' and playbooks/check.yml's (see mailstack.checks).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -16,15 +21,7 @@ import yaml
 from mailstack.testbench import ROOT
 
 MISSING = object()
-
-# The tier playbooks' contract: which groups get which roles. playbooks/check.yml holds it.
-CHECK_PLAYBOOK = ROOT / "playbooks" / "check.yml"
-
-
-def tier_roles() -> dict[str, list[str]]:
-    """Group -> roles, as playbooks/check.yml (and so site.yml) applies them."""
-    plays = yaml.safe_load(CHECK_PLAYBOOK.read_text())
-    return dict(plays[0]["vars"]["mailstack_tier_roles"])
+ROLES = ROOT / "roles"
 
 
 class InventoryError(Exception):
@@ -42,42 +39,6 @@ class Undefined(Exception):
         return f"refers to {self.missing}, which is not defined"
 
 
-_DEFAULTS: dict[str, dict] = {}
-
-
-def role_defaults(role: str) -> dict:
-    """A role's defaults/main.yml."""
-    if role not in _DEFAULTS:
-        path = ROOT / "roles" / role / "defaults" / "main.yml"
-        _DEFAULTS[role] = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return _DEFAULTS[role]
-
-
-def role_argument_spec(role: str) -> dict:
-    """The options of a role's main entry point (meta/argument_specs.yml)."""
-    path = ROOT / "roles" / role / "meta" / "argument_specs.yml"
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text())["argument_specs"]["main"].get("options", {})
-
-
-def origin(value: Any) -> str | None:
-    """The file (and line) a value was read from, if ansible-core recorded it."""
-    try:
-        from ansible._internal._datatag._tags import Origin  # ansible-core 2.19+
-    except ImportError:  # pragma: no cover - older ansible-core keeps no origin
-        return None
-    tag = Origin.get_tag(value)
-    if tag is None or not tag.path:
-        return None
-    path = tag.path
-    try:
-        path = os.path.relpath(path)
-    except ValueError:  # pragma: no cover
-        pass
-    return f"{path}:{tag.line_num}" if tag.line_num else path
-
-
 class Inventory:
     """Read-only view of one inventory source (a directory or a file)."""
 
@@ -85,8 +46,10 @@ class Inventory:
         os.environ.setdefault("ANSIBLE_CONFIG", str(ROOT / "ansible.cfg"))
         from ansible.inventory.manager import InventoryManager
         from ansible.parsing.dataloader import DataLoader
+        from ansible.plugins.loader import init_plugin_loader
         from ansible.vars.manager import VariableManager
 
+        _init_plugins(init_plugin_loader)
         self.source = Path(source)
         if not self.source.exists():
             raise InventoryError(f"inventory {source} does not exist")
@@ -108,6 +71,8 @@ class Inventory:
 
         HostVars(inventory=self.manager, variable_manager=self.variables, loader=self.loader)
         self._vars: dict[str, dict] = {}
+        self._file_lines: dict[Path, dict[str, int]] = {}
+        self._role_files: dict[tuple[str, str], dict] = {}
 
     # ------------------------------------------------------------------ hosts and groups
     def hosts(self, group: str = "all") -> list[str]:
@@ -129,6 +94,10 @@ class Inventory:
                                                        include_hostvars=True)
         return self._vars[host]
 
+    def names(self, host: str) -> list[str]:
+        """Every variable a play would see on this host (inventory, magic and connection variables)."""
+        return list(self._host_vars(host))
+
     def defines(self, host: str, name: str) -> bool:
         return name in self._host_vars(host)
 
@@ -141,31 +110,45 @@ class Inventory:
         return value
 
     def where(self, host: str, name: str) -> str | None:
-        """The file:line that sets this host's variable, or None."""
-        value = self._host_vars(host).get(name, MISSING)
-        if value is MISSING:
+        """The file:line of the inventory that sets this host's variable (the one that wins, as
+        Ansible's precedence goes), or None when the inventory does not set it."""
+        if not self.defines(host, name):
             return None
-        return origin(value) or self._find_file(host, name)
+        for path in self._var_files(host):
+            line = self._line_of(path, name)
+            if line:
+                return f"{_rel(path)}:{line}" if line > 0 else _rel(path)
+        return _rel(self.source) if self.source.is_file() else None
 
-    def _find_file(self, host: str, name: str) -> str | None:
-        """For values that carry no origin (booleans, None): the most specific vars file setting it."""
+    def _var_files(self, host: str) -> list[Path]:
+        """The files that may set a host's variables, the one that wins first: host_vars, then
+        group_vars from the deepest group to all, then the inventory file itself."""
         base = self.source if self.source.is_dir() else self.source.parent
-        groups = sorted(self.manager.get_host(host).get_groups(), key=lambda g: g.depth, reverse=True)
-        places = [base / "host_vars" / host] + [base / "group_vars" / g.name for g in groups]
-        for place in places:
-            files = sorted(place.rglob("*")) if place.is_dir() else \
-                [p for p in (place, place.with_name(place.name + ".yml"), place.with_name(place.name + ".yaml"))
-                 if p.is_file()]
-            for path in files:
-                if not path.is_file() or path.suffix not in ("", ".yml", ".yaml", ".json"):
-                    continue
-                try:
-                    data = yaml.safe_load(path.read_text())
-                except yaml.YAMLError:
-                    continue
-                if isinstance(data, dict) and name in data:
-                    return os.path.relpath(path)
-        return os.path.relpath(self.source) if self.source.is_file() else None
+        groups = sorted(self.manager.get_host(host).get_groups(), key=lambda g: (g.depth, g.priority, g.name),
+                        reverse=True)
+        files: list[Path] = []
+        for place in [base / "host_vars" / host] + [base / "group_vars" / g.name for g in groups]:
+            if place.is_dir():
+                found = sorted(p for p in place.rglob("*") if p.is_file())
+                files += reversed(found)  # Ansible reads a directory in order: the last file wins
+            else:
+                files += [p for p in (place, place.with_name(place.name + ".yml"),
+                                      place.with_name(place.name + ".yaml")) if p.is_file()]
+        inventory_files = [self.source] if self.source.is_file() else sorted(
+            p for p in self.source.iterdir() if p.is_file() and p.suffix in (".yml", ".yaml", ".ini", ""))
+        return [p for p in files if p.suffix in ("", ".yml", ".yaml", ".json")] + inventory_files
+
+    def _line_of(self, path: Path, name: str) -> int:
+        """The line where a YAML file sets a top-level variable: >0 the line, -1 set somewhere in an
+        encrypted file, 0 not set here."""
+        if path not in self._file_lines:
+            try:
+                text = self.loader.get_text_file_contents(str(path))
+            except Exception:  # noqa: BLE001 - an encrypted file without the password, unreadable
+                self._file_lines[path] = {}
+                return 0
+            self._file_lines[path] = _top_level_lines(text, encrypted=path.read_bytes().startswith(b"$ANSIBLE_VAULT"))
+        return self._file_lines[path].get(name, 0)
 
     def value(self, host: str, name: str, default: Any = MISSING) -> Any:
         """The variable as a play would see it: templated, with native types.
@@ -177,25 +160,101 @@ class Inventory:
             return default
         return self.template(host, self.raw(host, name), name)
 
-    def setting(self, host: str, role: str, name: str) -> Any:
-        """A role variable for this host: the inventory's value, else the role's default."""
-        if self.defines(host, name):
-            return self.value(host, name)
-        defaults = role_defaults(role)
-        if name not in defaults:
-            raise KeyError(name)
-        return self.template(host, defaults[name], name)
+    # ------------------------------------------------------------------ roles
+    def role_file(self, role: str, part: str) -> dict:
+        """A role's defaults/main.yml or vars/main.yml, its templates trusted as Ansible trusts them."""
+        key = (role, part)
+        if key not in self._role_files:
+            path = ROLES / role / part / "main.yml"
+            self._role_files[key] = (self.loader.load_from_file(str(path), trusted_as_template=True) or {}) \
+                if path.is_file() else {}
+        return self._role_files[key]
 
-    def template(self, host: str, raw: Any, name: str = "") -> Any:
+    def default_where(self, name: str) -> str:
+        """roles/<role>/defaults/main.yml:line of a role variable's default, or ""."""
+        for path in sorted(ROLES.glob("*/defaults/main.yml")):
+            line = _top_level_lines(path.read_text()).get(name)
+            if line:
+                return f"{_rel(path)}:{line}"
+        return ""
+
+    def setting(self, host: str, role: str, name: str) -> Any:
+        """A role variable for this host as the role sees it: the role's vars/main.yml, else the
+        inventory's value, else the role's default; templated for the host."""
+        defaults, role_vars = self.role_file(role, "defaults"), self.role_file(role, "vars")
+        if name in role_vars:
+            raw = role_vars[name]
+        elif self.defines(host, name):
+            return self.value(host, name)
+        elif name in defaults:
+            raw = defaults[name]
+        else:
+            raise KeyError(name)
+        variables = collections.ChainMap(role_vars, self._host_vars(host), defaults)
+        return self.template(host, raw, name, variables)
+
+    def template(self, host: str, raw: Any, name: str = "", variables: Any = None) -> Any:
         from ansible.errors import AnsibleUndefinedVariable
         from ansible.template import Templar
 
-        templar = Templar(loader=self.loader, variables=self._host_vars(host))
+        templar = Templar(loader=self.loader, variables=variables if variables is not None else self._host_vars(host))
         try:
             return _plain(templar.template(raw))
         except AnsibleUndefinedVariable as exc:
             match = re.search(r"'([^']+)' is undefined", str(exc))
             raise Undefined(name, match.group(1) if match else str(exc)) from None
+
+    # ------------------------------------------------------------------ the tiers
+    def address(self, host: str) -> str | None:
+        """The address other tiers reach the host on (mailstack_service_address), if the inventory says."""
+        try:
+            value = self.value(host, "mailstack_service_address", None)
+        except Undefined:
+            return None
+        return str(value) if value else None
+
+    def vips(self) -> list[tuple[str, str, str]]:
+        """(VIP address, the balancer that should hold it, VRRP instance) of every VIP, as keepalived's
+        role works them out (its __keepalived_instances)."""
+        balancers = self.hosts("balancers")
+        if not balancers:
+            return []
+        instances = self.setting(balancers[0], "keepalived", "__keepalived_instances") or []
+        return [(str(ipaddress.ip_interface(str(vip)).ip), inst.get("master", ""), inst.get("name", ""))
+                for inst in instances for vip in inst.get("vips") or []]
+
+
+_PLUGINS_READY = []
+
+
+def _init_plugins(init_plugin_loader) -> None:
+    """Let templates use collections' filters (community.general, ansible.utils), as a play can."""
+    if not _PLUGINS_READY:
+        init_plugin_loader()
+        _PLUGINS_READY.append(True)
+
+
+def _rel(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # pragma: no cover - another drive
+        return str(path)
+
+
+def _top_level_lines(text: str, encrypted: bool = False) -> dict[str, int]:
+    """Top-level keys of a YAML mapping and their lines (-1 each for an encrypted file, whose
+    lines mean nothing to the reader)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    lines: dict[str, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            lines.setdefault(key.value, -1 if encrypted else key.start_mark.line + 1)
+    return lines
 
 
 def _plain(value: Any) -> Any:

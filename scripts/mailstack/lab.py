@@ -24,7 +24,6 @@ from pathlib import Path
 import click
 
 from mailstack import testbench
-from mailstack.checks import Checker
 from mailstack.inventory import Inventory, Undefined
 from mailstack.testbench import CACHE, ROOT, podman_env
 
@@ -389,7 +388,6 @@ def status(lab: Lab | None = None) -> dict:
     """Everything `mailstack lab status` shows, as data."""
     lab = lab or Lab.load()
     inv = lab.inventory
-    checker = Checker(inv)
     infos = {h.name: container_info(h.container) for h in lab.hosts}
     hosts = []
     for h in lab.hosts:
@@ -421,7 +419,7 @@ def status(lab: Lab | None = None) -> dict:
 
     vips = []
     lb_names = [h.name for h in lab.in_group("balancers")]
-    for ip, preferred, instance in checker.vips():
+    for ip, preferred, instance in inv.vips():
         holders = [name for name, addrs in held.items() if ip in addrs]
         vips.append({"vip": ip, "instance": instance, "preferred": preferred, "holders": holders,
                      "holder": holders[0] if len(holders) == 1 else None, "on_preferred": holders == [preferred]})

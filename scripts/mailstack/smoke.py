@@ -13,7 +13,6 @@ import uuid
 from email.message import EmailMessage
 from email.utils import formatdate
 
-from mailstack.checks import Checker
 from mailstack.inventory import Inventory, Undefined
 from mailstack.testbench import podman_env
 
@@ -38,9 +37,8 @@ class SmokeResult:
 
 def vip_addresses(inv: Inventory) -> list[str]:
     """Every VIP of the balancers, or the balancers' own addresses when they have none."""
-    checker = Checker(inv)
-    return [vip for vip, _, _ in checker.vips()] or \
-        [a for a in (checker.address(h) for h in inv.hosts("balancers")) if a]
+    return [vip for vip, _, _ in inv.vips()] or \
+        [a for a in (inv.address(h) for h in inv.hosts("balancers")) if a]
 
 
 def smtp_port(inv: Inventory) -> int:
