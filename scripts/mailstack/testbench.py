@@ -442,6 +442,27 @@ def run_cmd(distros: tuple[str, ...], names: tuple[str, ...], unit: bool, jobs: 
         sys.exit(1)
 
 
+@main.command("docs")
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 if a file is not what this would write.")
+def docs_cmd(check: bool) -> None:
+    """Write each role's defaults into its argument_specs, and its README.md from the spec.
+
+    \b
+    Example:
+      mailstack-testbench docs && git diff roles/
+    """
+    from mailstack.roledocs import DocsError, sync
+
+    try:
+        stale = sync(check)
+    except DocsError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in stale:
+        click.echo(f"{'out of date' if check else 'wrote'}: {path}")
+    if check and stale:
+        raise SystemExit("run `mailstack-testbench docs` and commit what it writes")
+
+
 @main.command("profile")
 @click.option("--top", default=15, show_default=True, help="How many of the slowest tasks and tests to list.")
 def profile_cmd(top: int) -> None:
