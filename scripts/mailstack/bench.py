@@ -14,6 +14,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from mailstack import haproxy
 from mailstack.drill import Hosts, vips_of
 from mailstack.inventory import Inventory
 from mailstack.testbench import podman_env
@@ -45,11 +46,8 @@ def server_sessions(hosts: Hosts, balancers: list[str], socket: str) -> collecti
     """Sessions each relay has had, summed over the balancers' backends (HAProxy's stot)."""
     total: collections.Counter = collections.Counter()
     for lb in balancers:
-        proc = hosts.run(lb, f"echo 'show stat' | socat stdio {socket}")
-        for line in proc.stdout.splitlines():
-            fields = line.split(",")
-            if len(fields) > 8 and fields[1] not in ("FRONTEND", "BACKEND", "svname") and not line.startswith("#"):
-                total[fields[1]] += int(fields[7] or 0)
+        for server in haproxy.servers(hosts.run(lb, haproxy.command(socket)).stdout, lb):
+            total[server["server"]] += server["total_sessions"]
     return total
 
 
@@ -115,14 +113,12 @@ class Pool:
 
     def _set(self, state: str) -> None:
         for lb in self.balancers:
-            stat = self.hosts.run(lb, f"echo 'show stat' | socat stdio {self.socket}").stdout
-            for line in stat.splitlines():
-                fields = line.split(",")
-                if len(fields) > 2 and fields[1] in self.out:
-                    proc = self.hosts.run(lb, f"echo 'set server {fields[0]}/{fields[1]} state {state}' "
-                                              f"| socat stdio {self.socket}")
-                    if proc.returncode != 0 or proc.stdout.strip():
-                        raise BenchError(f"{lb}: could not set {fields[1]} to {state}: {proc.stdout.strip()}")
+            for relay in self.out:
+                proc = self.hosts.run(lb, haproxy.command(self.socket, relay, state))
+                try:
+                    haproxy.servers(proc.stdout, lb)
+                except haproxy.HAProxyStateError as exc:
+                    raise BenchError(f"could not set {relay} to {state}: {exc}") from None
 
     def __enter__(self):
         if self.out:

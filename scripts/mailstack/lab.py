@@ -9,9 +9,7 @@ playbooks/site.yml; `down` removes it; `status` asks every service how it is.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
-import io
 import ipaddress
 import json
 import os
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from mailstack import testbench
+from mailstack import haproxy, testbench
 from mailstack.inventory import Inventory, Undefined
 from mailstack.testbench import CACHE, ROOT, podman_env
 
@@ -336,19 +334,14 @@ def _addresses(container: str) -> list[str]:
 
 
 def haproxy_servers(container: str, socket: str) -> list[dict]:
-    proc = pexec(container, f"echo 'show stat' | socat stdio {socket}")
-    if proc.returncode != 0 or not proc.stdout.startswith("#"):
+    """The relays as a balancer's HAProxy sees them; [] when it cannot tell (haproxy down)."""
+    proc = pexec(container, haproxy.command(socket))
+    try:
+        found = haproxy.servers(proc.stdout, container)
+    except haproxy.HAProxyStateError:
         return []
-    rows = csv.DictReader(io.StringIO(proc.stdout.lstrip("# ")))
-    servers = []
-    for row in rows:
-        if row.get("svname") in ("FRONTEND", "BACKEND") or row.get("type") != "2":
-            continue
-        servers.append({"backend": row["pxname"], "server": row["svname"], "state": row["status"],
-                        "weight": int(row.get("uweight") or row.get("weight") or 0),
-                        "effective_weight": int(row.get("weight") or 0),
-                        "sessions": int(row.get("scur") or 0), "check": row.get("check_status", "")})
-    return servers
+    return [{"backend": s["backend"], "server": s["server"], "state": s["status"], "weight": s["configured_weight"],
+             "effective_weight": s["weight"], "sessions": s["sessions"], "check": s["check"]} for s in found]
 
 
 def relay_queue(container: str, mta: str) -> int | None:

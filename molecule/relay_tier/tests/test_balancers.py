@@ -30,16 +30,16 @@ def holders(balancers, address):
     return out
 
 
-def servers(lb, backend="be_smtp"):
-    """{server: (operational state, weight)} as HAProxy's runtime API reports it."""
-    sock = lb.vars["haproxy_runtime_socket"]
-    text = lb.run(f"echo 'show servers state {backend}' | socat stdio {sock}").stdout
-    state = {}
-    for line in text.splitlines():
-        f = line.split()
-        if len(f) > 8 and f[1] == backend:
-            state[f[3]] = (int(f[5]), int(f[7]))
-    return state
+def haproxy_state(lb, backend="be_smtp"):
+    """{server: {status, weight, configured_weight, sessions, ...}} of one backend, as the role's
+    mailstack-haproxy-state (the one reader of HAProxy's runtime state) reports it."""
+    data = json.loads(lb.run("mailstack-haproxy-state").stdout)
+    return {s["server"]: s for s in data["servers"] if s["backend"] == backend}
+
+
+def statuses(lb, backend="be_smtp"):
+    """{server: status}: UP, DRAIN, DOWN, MAINT, or a transition such as "UP 1/2"."""
+    return {name: s["status"] for name, s in haproxy_state(lb, backend).items()}
 
 
 def shares(sink, test_id, relays):
@@ -103,8 +103,8 @@ def test_stopped_relay_is_marked_down_gets_no_sessions_and_returns(balancers, re
     relay.run(f"systemctl stop {relay.service}")
     try:
         started = time.monotonic()
-        assert wait_until(lambda: all(servers(b)[relay.name][0] == 0 for b in balancers), 30, 0.2), \
-            {b.name: servers(b) for b in balancers}
+        assert wait_until(lambda: all(statuses(b)[relay.name] == "DOWN" for b in balancers), 30, 0.2), \
+            {b.name: statuses(b) for b in balancers}
         took = time.monotonic() - started
         print(f"\nMEASURED {relay.name} marked down on every balancer after {took:.1f}s "
               f"(inter {inter}s x fall {fall})")
@@ -117,7 +117,7 @@ def test_stopped_relay_is_marked_down_gets_no_sessions_and_returns(balancers, re
         assert got[relay.name] == 0 and sum(got[o.name] for o in others) == 20, got
     finally:
         relay.run(f"systemctl start {relay.service}")
-    assert wait_until(lambda: all(servers(b)[relay.name][0] == 2 for b in balancers), inter * rise + 20, 0.2)
+    assert wait_until(lambda: all(statuses(b)[relay.name] == "UP" for b in balancers), inter * rise + 20, 0.2)
     test_id = new_id("back")
     report = send_sessions(inside, vip(balancers, 0), 20, test_id)
     assert len(report["accepted"]) == 20
@@ -154,13 +154,6 @@ def run_maintenance(limit, extra_vars=None, timeout=600):
     if extra_vars:
         command += ["-e", json.dumps(extra_vars)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def statuses(lb, backend="be_smtp"):
-    """{server: status} as HAProxy's `show stat` prints it (UP, DRAIN, DOWN, MAINT...)."""
-    text = lb.run(f"echo 'show stat' | socat stdio {lb.vars['haproxy_runtime_socket']}").stdout
-    return {f[1]: f[17] for f in (line.split(",") for line in text.splitlines())
-            if len(f) > 17 and f[0] == backend and f[1] not in ("FRONTEND", "BACKEND")}
 
 
 def mta_pid(relay):
@@ -226,8 +219,8 @@ def test_rolling_maintenance_under_traffic_refuses_and_loses_nothing(balancers, 
             f"{relay.name} was touched although it was not in --limit"
     for lb in balancers:
         assert set(statuses(lb).values()) == {"UP"}, statuses(lb)
-        assert {name: w for name, (_, w) in servers(lb).items()} == \
-            {r.name: r.vars["mail_relay_weight"] for r in relays}, servers(lb)
+        assert {name: s["configured_weight"] for name, s in haproxy_state(lb).items()} == \
+            {r.name: r.vars["mail_relay_weight"] for r in relays}, haproxy_state(lb)
 
 
 def test_a_relay_whose_queue_does_not_empty_stops_the_run_and_stays_drained(balancers, relays, inside, sink):
