@@ -56,12 +56,10 @@ class View:
         return name in self.hostvars.raw_get(host)
 
     def var(self, host: str, name: str, default=None):
+        """The host's inventory value, templated as a play on that host would see it."""
         if not self.defines(host, name):
             return default
-        try:
-            return self.hostvars[host][name]
-        except AnsibleError as exc:
-            raise Unknown(str(exc)) from None
+        return self._template(host, self.hostvars.raw_get(host)[name], {})
 
     def role_defaults(self, role: str) -> dict:
         if role not in self._defaults:
@@ -76,9 +74,14 @@ class View:
         defaults = self.role_defaults(role)
         if name not in defaults:
             raise Unknown(f"{role} has no variable {name}")
+        return self._template(host, defaults[name], defaults)
+
+    def _template(self, host: str, raw, defaults: dict):
+        # hostvars[...] of another host does not template values that read hostvars themselves
+        # (mailstack_relay_proxy_trusted does), so template with the host's own raw variables.
         variables = collections.ChainMap(dict(self.hostvars.raw_get(host)), {"hostvars": self.hostvars}, defaults)
         try:
-            return self._templar.copy_with_new_env(available_variables=variables).template(defaults[name])
+            return self._templar.copy_with_new_env(available_variables=variables).template(raw)
         except AnsibleError as exc:
             raise Unknown(str(exc)) from None
 

@@ -58,7 +58,8 @@ class Inventory:
             from ansible.cli import CLI
 
             secrets = CLI.setup_vault_secrets(self.loader, vault_ids=[],
-                                              vault_password_files=[str(vault_password_file)])
+                                              vault_password_files=[str(vault_password_file)],
+                                              initialize_context=False)
             self.loader.set_vault_secrets(secrets)
         try:
             self.manager = InventoryManager(loader=self.loader, sources=[str(self.source)])

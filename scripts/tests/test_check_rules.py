@@ -1,0 +1,116 @@
+"""Every rule judged the same by `mailstack check` and by the playbooks.
+
+Each case breaks one rule in a copy of fixtures/inventories/good (which both accept) and runs
+  - the CLI, which contacts no host: it must name the host, the variable and the file:line;
+  - playbooks/check.yml as a real run does it first (facts gathered, the first failure fatal),
+    with connection local: it must fail with the same words.
+The rules are written once (a role's argument_specs or tasks/assert.yml, playbooks/vars/
+inventory_variables.yml, playbooks/action_plugins/mailstack_inventory_check.py); this proves that
+both paths run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mailstack.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = Path(__file__).parent / "fixtures" / "inventories" / "good"
+PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
+
+# (case, file in the inventory, text replaced (None: the line is appended), new text,
+#  host, variable, words of the finding)
+CASES = [
+    ("two hosts with one address", "host_vars/relay2.yml", "192.0.2.22", "192.0.2.21",
+     "relay2", "mailstack_service_address", "is also the address of relay1"),
+    ("a misspelt role variable", "group_vars/postfix_relays/postfix.yml", None, "postfix_relay_network: []",
+     "relay1", "postfix_relay_network", "did you mean postfix_relay_networks?"),
+    ("relays listening where the balancers do not send", "group_vars/postfix_relays/postfix.yml", None,
+     "postfix_proxy_port: 10026", "relay1", "postfix_proxy_port", "sends PROXY connections to port 10025"),
+    ("a relay trusting a host that is not a balancer", "group_vars/exim_relays/exim.yml",
+     '"{{ mailstack_relay_proxy_trusted }}"', '"{{ mailstack_relay_proxy_trusted + [\'192.0.2.99\'] }}"',
+     "relay2", "exim_proxy_trusted_addresses", "trusts 192.0.2.99, which is not a balancer"),
+    ("an open relay", "group_vars/exim_relays/exim.yml", '"{{ mailstack_relay_networks }}"', "[0.0.0.0/0]",
+     "relay2", "exim_relay_networks", "lets every address relay"),
+    ("a relay without PROXY behind balancers that send it", "group_vars/postfix_relays/postfix.yml",
+     "postfix_proxy_enabled: true", "postfix_proxy_enabled: false",
+     "relay1", "postfix_proxy_enabled", "the balancers send PROXY protocol"),
+    ("a VIP that is a host's address", "group_vars/balancers/keepalived.yml", "192.0.2.200/24", "192.0.2.21/24",
+     "lb1", "keepalived_vips", "VIP 192.0.2.21 is the address of relay1"),
+    ("a VIP outside the balancers' network", "group_vars/balancers/keepalived.yml", "192.0.2.200/24",
+     "198.51.100.200/24", "lb1", "keepalived_vips", "is not in the network of balancer(s) lb1, lb2"),
+    ("balancers of one pair that disagree", "host_vars/lb2.yml", None, "keepalived_router_ids: [63, 64]",
+     "lb2", "keepalived_router_ids", "differs from lb1's"),
+    ("a role's own check (assert.yml)", "host_vars/relay1.yml", "relay1.example.com", "relay1",
+     "relay1", "postfix_myhostname", "postfix_myhostname must be a fully qualified domain name"),
+    ("a role's argument_specs", "group_vars/rabbitmq_nodes/rabbitmq.yml", None, "rabbitmq_management_enabled: maybe",
+     "rabbitmq1", "rabbitmq_management_enabled", "rabbitmq_management_enabled"),
+    ("the project's inventory variables", "host_vars/relay2.yml", "mail_relay_weight: 1", "mail_relay_weight: heavy",
+     "relay2", "mail_relay_weight", "'heavy'"),
+    ("a relay weight out of range (haproxy's check of each relay)", "host_vars/relay1.yml", "mail_relay_weight: 3",
+     "mail_relay_weight: 300", "relay1", "mail_relay_weight", "from 0 to 256 (got 300)"),
+    ("replication with too few nodes (redis's check of its group)", "group_vars/redis_nodes/redis.yml", None,
+     "redis_replication_group: redis_nodes", "redis1", "redis_replication_group", "redis_replication_group"),
+]
+
+
+def broken_copy(tmp_path: Path, path: str, old: str | None, new: str) -> tuple[Path, int]:
+    """The good inventory with one change; the line of the change."""
+    inventory = tmp_path / "inventory"
+    shutil.copytree(GOOD, inventory)
+    target = inventory / path
+    text = target.read_text()
+    if old is None:
+        text = text.rstrip("\n") + "\n" + new + "\n"
+        line = text.count("\n")
+    else:
+        assert text.count(old) == 1, f"{old!r} is not once in {path}"
+        line = text[:text.index(old)].count("\n") + 1
+        text = text.replace(old, new)
+    target.write_text(text)
+    return inventory, line
+
+
+def playbook_run(inventory: Path) -> subprocess.Popen:
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    return subprocess.Popen([PLAYBOOK, "-i", str(inventory), str(ROOT / "playbooks" / "check.yml"), "-c", "local",
+                             "-e", f"ansible_python_interpreter={sys.executable}"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def cli_check(inventory: Path) -> tuple[int, dict]:
+    result = CliRunner().invoke(main, ["check", "-i", str(inventory), "--json"], catch_exceptions=False)
+    return result.exit_code, json.loads(result.output)
+
+
+def test_the_good_inventory_passes_both():
+    play = playbook_run(GOOD)
+    code, report = cli_check(GOOD)
+    output = play.communicate()[0]
+    assert code == 0 and report["errors"] == 0, report["findings"]
+    assert play.returncode == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("case,path,old,new,host,variable,words", CASES, ids=[c[0] for c in CASES])
+def test_a_rule_is_judged_alike_by_the_cli_and_the_playbook(tmp_path, case, path, old, new, host, variable, words):
+    inventory, line = broken_copy(tmp_path, path, old, new)
+    play = playbook_run(inventory)
+    code, report = cli_check(inventory)
+    output = play.communicate()[0]
+
+    hits = [f for f in report["findings"] if f["level"] == "error" and host in f["hosts"]
+            and f["variable"] == variable and words in f["message"]]
+    assert code == 1 and hits, f"the CLI did not name {host} {variable} {words!r}: {report['findings']}"
+    assert any(f["file"].endswith(f"{path}:{line}") for f in hits), [f["file"] for f in hits]
+
+    assert play.returncode != 0, f"the playbook accepted what the CLI refused:\n{output[-3000:]}"
+    assert words in output, f"the playbook failed otherwise:\n{output[-3000:]}"
