@@ -27,7 +27,7 @@ TIMED   := scripts/testbench/timed
 export CONTAINERS_CONF := $(CURDIR)/$(CACHE)/containers/containers.conf
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help setup host venv images lint yamllint ansible-lint unit suite lab test clean
+.PHONY: help setup host venv hooks images lint yamllint ansible-lint unit suite lab test clean
 
 help:
 	@sed -n "3,11p" Makefile
@@ -46,7 +46,14 @@ $(STAMP)/venv: requirements.txt scripts/pyproject.toml
 	    || { echo "pip install of scripts/ failed" >&2; exit 1; }'
 	@touch $@
 
-venv: host $(STAMP)/venv
+venv: host $(STAMP)/venv hooks
+
+# A clear-text vault file cannot be committed by accident (scripts/githooks/pre-commit).
+hooks:
+	@if git rev-parse --git-dir >/dev/null 2>&1 && \
+	    [ "$$(git config core.hooksPath)" != scripts/githooks ]; then \
+	  git config core.hooksPath scripts/githooks && echo "git hooks: scripts/githooks (refuses clear-text vault files)"; \
+	fi
 
 images: venv
 	@for d in $(TEST_DISTRO); do \

@@ -237,6 +237,15 @@ class Presenter:
                     if not exc.missing.startswith(("ansible_", "hostvars")):
                         self.undefined(host, exc.missing)
 
+    def clear_vaults(self) -> None:
+        from mailstack.vaultguard import clear_vaults
+
+        base = self.inv.source if self.inv.source.is_dir() else self.inv.source.parent
+        files = sorted(p for d in ("group_vars", "host_vars") for p in (base / d).rglob("*") if p.is_file())
+        for path in clear_vaults(files):
+            self.report.add(WARNING, "is not encrypted: secrets in clear text on disk, one `git add` from being "
+                            f"published (ansible-vault encrypt {os.path.relpath(path)})", None, "", os.path.relpath(path))
+
     def sort_hosts(self) -> None:
         order = {h: i for i, h in enumerate(self.inv.hosts())}
         for finding in self.report.findings:
@@ -251,6 +260,7 @@ def check(inv: Inventory, vault_password_file: str | Path | None = None) -> Repo
     presenter.unresolved()
     presenter.notes(recorded.get("roles", {}))
     presenter.vault_summary()
+    presenter.clear_vaults()
     presenter.sort_hosts()
     return presenter.report
 

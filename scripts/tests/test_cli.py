@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import socketserver
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -168,8 +170,14 @@ def test_example_inventories_pass_once_their_vault_is_filled(env, tmp_path):
     shutil.copytree(ROOT / "inventories" / env, copy)
     example = yaml.safe_load((copy / "group_vars/all/vault.yml.example").read_text())
     values = {name: fill(name) for name in example}
-    (copy / "group_vars/all/vault.yml").write_text(yaml.safe_dump(values))
-    code, report = check_json(copy)
+    vault = copy / "group_vars/all/vault.yml"
+    vault.write_text(yaml.safe_dump(values))
+    password = tmp_path / "vault-pass"
+    password.write_text("fixture-vault-password\n")
+    subprocess.run([str(Path(sys.executable).with_name("ansible-vault")), "encrypt", "--vault-password-file",
+                    str(password), str(vault)], check=True, capture_output=True)
+    result = run("check", "-i", str(copy), "--vault-password-file", str(password), "--json")
+    code, report = result.exit_code, json.loads(result.output)
     assert code == 0, report["findings"]
     assert report["errors"] == 0 and report["warnings"] == 0
 
