@@ -114,3 +114,17 @@ def test_a_rule_is_judged_alike_by_the_cli_and_the_playbook(tmp_path, case, path
 
     assert play.returncode != 0, f"the playbook accepted what the CLI refused:\n{output[-3000:]}"
     assert words in output, f"the playbook failed otherwise:\n{output[-3000:]}"
+
+
+def test_warnings_and_notes_are_named_but_do_not_fail():
+    """The good fixture: a relay serving a self-signed certificate outside the lab and a submission
+    frontend with no listener behind it are warnings; values left to facts are notes; exit 0."""
+    code, report = cli_check(GOOD)
+    assert code == 0
+    warnings = {(f["variable"], tuple(f["hosts"])): f for f in report["findings"] if f["level"] == "warning"}
+    assert "self-signed certificate in production" in warnings[("postfix_tls_certificate", ("relay1",))]["message"]
+    assert "nothing listens" in warnings[("postfix_submission_enabled", ("relay1",))]["message"]
+    notes = {f["variable"] for f in report["findings"] if f["level"] == "note"}
+    assert "keepalived_interface" in notes and "postfix_myhostname" not in notes  # the fixture sets it
+    lab = cli_check(ROOT / "inventories" / "lab")[1]
+    assert not [f for f in lab["findings"] if "self-signed" in f["message"]]  # control: the lab may
