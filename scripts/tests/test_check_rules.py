@@ -28,7 +28,7 @@ GOOD = Path(__file__).parent / "fixtures" / "inventories" / "good"
 PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
 
 # (case, file in the inventory, text replaced (None: the line is appended), new text,
-#  host, variable, words of the finding)
+#  host, variable, words of the finding[, the file:line named when it is not the changed line])
 CASES = [
     ("two hosts with one address", "host_vars/relay2.yml", "192.0.2.22", "192.0.2.21",
      "relay2", "mailstack_service_address", "is also the address of relay1"),
@@ -60,6 +60,8 @@ CASES = [
      "mail_relay_weight: 300", "relay1", "mail_relay_weight", "from 0 to 256 (got 300)"),
     ("replication with too few nodes (redis's check of its group)", "group_vars/redis_nodes/redis.yml", None,
      "redis_replication_group: redis_nodes", "redis1", "redis_replication_group", "redis_replication_group"),
+    ("a secret that breaks its role's rule", "group_vars/all/secrets.yml", "redis-admin-secret", "short",
+     "redis1", "redis_admin_password", "at least 12 characters", "group_vars/redis_nodes/redis.yml:2"),
 ]
 
 
@@ -100,8 +102,10 @@ def test_the_good_inventory_passes_both():
     assert play.returncode == 0, output[-3000:]
 
 
-@pytest.mark.parametrize("case,path,old,new,host,variable,words", CASES, ids=[c[0] for c in CASES])
-def test_a_rule_is_judged_alike_by_the_cli_and_the_playbook(tmp_path, case, path, old, new, host, variable, words):
+@pytest.mark.parametrize("case,path,old,new,host,variable,words,named", [c + (None,) * (8 - len(c)) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_a_rule_is_judged_alike_by_the_cli_and_the_playbook(tmp_path, case, path, old, new, host, variable, words,
+                                                            named):
     inventory, line = broken_copy(tmp_path, path, old, new)
     play = playbook_run(inventory)
     code, report = cli_check(inventory)
@@ -110,7 +114,7 @@ def test_a_rule_is_judged_alike_by_the_cli_and_the_playbook(tmp_path, case, path
     hits = [f for f in report["findings"] if f["level"] == "error" and host in f["hosts"]
             and f["variable"] == variable and words in f["message"]]
     assert code == 1 and hits, f"the CLI did not name {host} {variable} {words!r}: {report['findings']}"
-    assert any(f["file"].endswith(f"{path}:{line}") for f in hits), [f["file"] for f in hits]
+    assert any(f["file"].endswith(named or f"{path}:{line}") for f in hits), [f["file"] for f in hits]
 
     assert play.returncode != 0, f"the playbook accepted what the CLI refused:\n{output[-3000:]}"
     assert words in output, f"the playbook failed otherwise:\n{output[-3000:]}"
