@@ -132,3 +132,30 @@ def test_warnings_and_notes_are_named_but_do_not_fail():
     assert "keepalived_interface" in notes and "postfix_myhostname" not in notes  # the fixture sets it
     lab = cli_check(ROOT / "inventories" / "lab")[1]
     assert not [f for f in lab["findings"] if "self-signed" in f["message"]]  # control: the lab may
+
+
+def test_a_rule_added_once_to_a_role_is_enforced_by_both(tmp_path):
+    """Add a rule to a copy of the project, in one place only (the postfix role's assert.yml): the
+    CLI of that copy and its playbooks both refuse the good inventory for it."""
+    project = tmp_path / "project"
+    for part in ("roles", "playbooks", "scripts/mailstack"):
+        shutil.copytree(ROOT / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "ansible.cfg", project / "ansible.cfg")
+    assert_yml = project / "roles" / "postfix" / "tasks" / "assert.yml"
+    assert_yml.write_text(assert_yml.read_text() + """
+- name: assert | A new rule, written once
+  ansible.builtin.assert:
+    that: postfix_message_size_limit <= 10485760
+    fail_msg: postfix_message_size_limit must be at most 10 MB in this copy, got {{ postfix_message_size_limit }}
+    quiet: true
+""")
+    env = dict(os.environ, PYTHONPATH=str(project / "scripts"), ANSIBLE_CONFIG=str(project / "ansible.cfg"))
+    cli = subprocess.run([sys.executable, "-c", "from mailstack.cli import main; main()", "check", "-i", str(GOOD),
+                          "--json"], capture_output=True, text=True, env=env, cwd=project)
+    report = json.loads(cli.stdout)
+    hits = [f for f in report["findings"] if f["variable"] == "postfix_message_size_limit"]
+    assert cli.returncode == 1 and hits and "at most 10 MB in this copy" in hits[0]["message"], report
+    play = subprocess.run([PLAYBOOK, "-i", str(GOOD), str(project / "playbooks" / "check.yml"), "-c", "local",
+                           "-e", f"ansible_python_interpreter={sys.executable}"], capture_output=True, text=True,
+                          env=env, cwd=project)
+    assert play.returncode != 0 and "at most 10 MB in this copy" in play.stdout, play.stdout[-2000:]
