@@ -81,9 +81,9 @@ def _block(data, indent: int) -> list[str]:
 def _ordered(option: dict, default) -> dict:
     """type, choices/elements, required, default, no_log, description, suboptions: the order a reader expects."""
     order = ["type", "elements", "choices", "required", "default", "no_log", "description", "options"]
-    merged = dict(option)
-    if default is not _NONE:
-        merged["default"] = default
+    merged = {k: v for k, v in option.items() if k != "default"}
+    if default is not _NONE and not option.get("required"):
+        merged["default"] = default  # Ansible refuses a default on a required option
     return {k: merged[k] for k in order if k in merged} | {k: v for k, v in merged.items() if k not in order}
 
 
