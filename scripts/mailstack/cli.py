@@ -389,7 +389,9 @@ def lab_up_cmd(distro: str, recreate: bool, as_json: bool) -> None:
     if as_json:
         emit_json(state)
     else:
-        for line in lab.format_welcome(state, lab.Lab.load()):
+        from mailstack.labstatus import format_welcome
+
+        for line in format_welcome(state, lab.Lab.load()):
             click.echo(line)
     sys.exit(0 if state["healthy"] else 1)
 
@@ -422,13 +424,13 @@ def lab_status_cmd(as_json: bool) -> None:
     Example:
       mailstack lab status --json | jq '.vips'
     """
-    from mailstack import lab
+    from mailstack import labstatus
 
-    state = lab.status()
+    state = labstatus.status()
     if as_json:
         emit_json(state)
     else:
-        for line in lab.format_status(state):
+        for line in labstatus.format_status(state):
             click.echo(line)
     sys.exit(0 if state["healthy"] else 1)
 
