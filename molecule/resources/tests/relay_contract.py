@@ -368,7 +368,9 @@ def check_turning_the_proxy_listener_off(relay, contract, inside, sink):
     A scenario calls this from a test marked `last`: it leaves the relay without its PROXY listener (the
     converge from scratch at the start of the scenario proves turning it on)."""
     listening = f"ss -Hltn 'sport = :{contract.proxy_port}' | grep -q LISTEN"
-    proc = converge(relay.name, {f"{contract.mta}_proxy_enabled": False})
+    # The inventory says the balancers stop sending PROXY too, as an operator turning it off must:
+    # playbooks/check.yml refuses a relay without PROXY behind balancers that send it.
+    proc = converge(relay.name, {f"{contract.mta}_proxy_enabled": False, "haproxy_proxy_protocol_enabled": False})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert wait_until(lambda: relay.run(listening, check=False).rc != 0, 20), "the PROXY listener is still open"
     assert relay.run(f"nft list table inet {contract.firewall_table}", check=False).rc != 0, \
