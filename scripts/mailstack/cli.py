@@ -111,9 +111,10 @@ def weights_table(inv: Inventory) -> list[dict]:
             weight = inv.value(host, weight_var, 1)
         except Undefined as exc:
             raise click.ClickException(f"{host}: {weight_var} {exc}") from None
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 256:
-            raise click.ClickException(f"{host}: {weight_var} must be a whole number from 0 to 256 "
-                                       f"(got {weight!r}); run `mailstack check`")
+        if isinstance(weight, bool) or not isinstance(weight, int):
+            # No share can be worked out; what HAProxy accepts is the haproxy role's rule (mailstack check).
+            raise click.ClickException(f"{host}: {weight_var} is {weight!r}, not a number: run "
+                                       "`mailstack check` for what to write")
         groups = inv.groups_of(host)
         relays.append({"host": host, "mta": "exim" if "exim_relays" in groups else "postfix",
                        "address": inv.address(host), "weight": weight,
