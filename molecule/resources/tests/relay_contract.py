@@ -266,11 +266,12 @@ def test_throttled_domain_deliveries_are_spaced_by_rate_delay(relay, contract, i
     assert len(got) == n, got
     times = sorted(m["received_at"] for m in got)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    # The relay spaces the starts of deliveries; the sink sees their ends, and the first delivery
-    # also pays for connecting, TLS and AUTH. Allow one second for that: unthrottled deliveries
-    # of this size arrive a few hundredths of a second apart.
-    assert min(gaps) >= delay - 1.0, f"deliveries to a throttled domain {gaps} s apart, rate delay {delay}s"
-    assert times[-1] - times[0] >= (n - 1) * delay - 1.0, gaps
+    # The relay spaces the starts of deliveries; the sink sees their ends. The first delivery also
+    # pays for a cold connection, TLS and AUTH, so the gap after it can be short by that much (0.85 s
+    # for a 2 s delay was seen on a loaded machine); the later ones pay alike. Unthrottled
+    # deliveries of this size arrive a few hundredths of a second apart, all of them.
+    assert min(gaps[1:]) >= delay - 1.0, f"deliveries to a throttled domain {gaps} s apart, rate delay {delay}s"
+    assert times[-1] - times[0] >= (n - 1) * delay - 1.5, gaps
 
 
 def test_client_connection_count_limit_applies_to_outside_clients(relay, contract, outside):
