@@ -25,9 +25,6 @@ from ansible.vars.reserved import get_reserved_names
 
 ERROR, WARNING = "error", "warning"
 MTA_ROLES = {"postfix_relays": "postfix", "exim_relays": "exim"}
-# The roles whose variables a host's inventory may set, besides the project's own (inventory_variables.yml).
-ROLE_PREFIXES = ("postfix_", "exim_", "haproxy_", "keepalived_", "redis_", "rabbitmq_", "proxy_firewall_",
-                 "relay_maintenance_")
 
 
 class Unknown(Exception):
@@ -156,9 +153,10 @@ def closest(name: str, declared: frozenset[str], most: int) -> str | None:
     return best if best is not None and edits(name, best) <= most else None
 
 
-def check_names(v: View, f: Findings, hosts: list[str], declared: set[str]) -> None:
+def check_names(v: View, f: Findings, hosts: list[str], declared: set[str], roles: list[str]) -> None:
     """A variable no role declares that is a letter or two away from one that is, or that carries
-    a role's prefix: a typo whose value every role would ignore."""
+    a role's prefix (its name and _): a typo whose value every role would ignore."""
+    prefixes = tuple(f"{role}_" for role in roles)
     reserved = get_reserved_names()
     declared = frozenset(declared)
     # Names the inventory's own values refer to ("{{ mailstack_relay_networks }}") are its helpers.
@@ -168,7 +166,7 @@ def check_names(v: View, f: Findings, hosts: list[str], declared: set[str]) -> N
             if (name in declared or name in reserved or name.startswith(("ansible_", "vault_", "_"))
                     or name.startswith("mailstack_check")):
                 continue
-            prefixed = name.startswith(ROLE_PREFIXES)
+            prefixed = name.startswith(prefixes)
             near = closest(name, declared, 2 if len(name) < 16 else 3)
             if not prefixed and (near is None or name in referenced):
                 continue  # a helper of the inventory's own, not a misspelt setting
@@ -381,13 +379,13 @@ class ActionModule(ActionBase):
         result = super().run(tmp, task_vars)
         root = Path(self._task.args.get("root") or Path(task_vars["playbook_dir"]).parent)
         view = View(self, task_vars, root)
-        declared = self._declared_names(root)
-        hosts = sorted({h for group in ("balancers", "mail_relays", "redis_nodes", "rabbitmq_nodes")
-                        for h in view.hosts(group)} | set(view.hosts("all")))
+        roles = sorted(p.parent.parent.name for p in root.glob("roles/*/meta/argument_specs.yml"))
+        declared = self._declared_names(root, roles)
+        hosts = sorted(view.hosts("all"))
         findings = Findings()
         check_groups(view, findings)
         check_addresses(view, findings, hosts)
-        check_names(view, findings, hosts, declared | self._pointed_names(view))
+        check_names(view, findings, hosts, declared | self._pointed_names(view), roles)
         check_relay_contract(view, findings)
         check_vrrp(view, findings, hosts)
         check_weights(view, findings)
@@ -395,6 +393,7 @@ class ActionModule(ActionBase):
         check_certificates(view, findings)
         errors = [x for x in findings if x["level"] == ERROR]
         result["findings"] = findings
+        result["declared"] = sorted(declared)  # what `mailstack check` reads variable names in messages by
         result["warnings"] = [self._line(x) for x in findings if x["level"] == WARNING]
         result["changed"] = False
         if errors:
@@ -408,10 +407,10 @@ class ActionModule(ActionBase):
     def _line(finding: dict) -> str:
         return f"{finding['host'] or '-'}: {finding['variable']}: {finding['message']}"
 
-    def _declared_names(self, root: Path) -> set[str]:
+    def _declared_names(self, root: Path, roles: list[str]) -> set[str]:
         """Every variable a role's argument_specs or the project's inventory_variables.yml declares."""
         names: set[str] = set()
-        for path in sorted(root.glob("roles/*/meta/argument_specs.yml")) + [
+        for path in [root / "roles" / role / "meta" / "argument_specs.yml" for role in roles] + [
                 root / "playbooks" / "vars" / "inventory_variables.yml"]:
             specs = (self._loader.load_from_file(str(path)) or {}).get("argument_specs", {})
             for entry in specs.values():

@@ -28,7 +28,7 @@ from typing import Iterable
 
 import yaml
 
-from mailstack.inventory import ROLES, Inventory, Undefined
+from mailstack.inventory import Inventory, Undefined
 from mailstack.testbench import ROOT
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
@@ -107,21 +107,13 @@ def run_check_play(inventory: str | Path, vault_password_file: str | Path | None
         return json.loads(out.read_text())
 
 
-def _declared_in_specs() -> set[str]:
-    names: set[str] = set()
-    for path in sorted(ROLES.glob("*/meta/argument_specs.yml")) + [ROOT / "playbooks/vars/inventory_variables.yml"]:
-        for entry in (yaml.safe_load(path.read_text()) or {}).get("argument_specs", {}).values():
-            names |= set(entry.get("options") or {})
-    return names
-
-
 class Presenter:
     """Turns the play's records into findings with file:line."""
 
-    def __init__(self, inv: Inventory) -> None:
+    def __init__(self, inv: Inventory, declared: set[str]) -> None:
         self.inv = inv
         self.report = Report()
-        self.declared = _declared_in_specs()
+        self.declared = declared  # the variables the roles and the inventory declare, as the play read them
         self.missing_vault: set[str] = set()
 
     def where(self, host: str, variable: str) -> str:
@@ -254,7 +246,7 @@ class Presenter:
 
 def check(inv: Inventory, vault_password_file: str | Path | None = None) -> Report:
     recorded = run_check_play(inv.source, vault_password_file)
-    presenter = Presenter(inv)
+    presenter = Presenter(inv, set(recorded.get("declared", [])))
     for rec in recorded["records"]:
         presenter.record(rec)
     presenter.unresolved()

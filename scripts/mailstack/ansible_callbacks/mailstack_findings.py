@@ -2,7 +2,8 @@
 
 Every failed task (an assert, an argument spec, a template that does not resolve) and every
 finding of the inventory-wide checks is written, with its host and task, as JSON to the file
-named by MAILSTACK_FINDINGS when the play ends; and, for each host, the roles whose checks ran.
+named by MAILSTACK_FINDINGS when the play ends; and, for each host, the roles whose checks ran,
+and the variable names the roles and the inventory declare (as the inventory-wide checks read them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CallbackModule(CallbackBase):
         super().__init__()
         self.records: list[dict] = []
         self.roles: dict[str, set[str]] = {}
+        self.declared: list[str] = []
 
     def _task(self, result) -> tuple[str, str, str]:
         host, name = result.host.get_name(), result.task.get_name()
@@ -45,6 +47,7 @@ class CallbackModule(CallbackBase):
         base = {"host": host, "task": task, "role": role}
         if "findings" in data:
             self.records.append({**base, "findings": data["findings"]})
+            self.declared = data.get("declared", [])
             return
         if not failed:
             return
@@ -68,4 +71,5 @@ class CallbackModule(CallbackBase):
         path = os.environ.get("MAILSTACK_FINDINGS")
         if path:
             with open(path, "w", encoding="utf-8") as out:
-                json.dump({"records": self.records, "roles": {h: sorted(r) for h, r in self.roles.items()}}, out)
+                json.dump({"records": self.records, "roles": {h: sorted(r) for h, r in self.roles.items()},
+                           "declared": self.declared}, out)
