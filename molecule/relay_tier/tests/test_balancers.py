@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 from benchlib import PROJECT, code, converge, inventory_dir, new_id, wait_until
+from vrrp import dropped_adverts, start_forging
 
 OUTSIDE = "elsewhere.test"
 
@@ -419,6 +420,45 @@ print(json.dumps({{"ok": True}}))
     assert len(sink.wait_for(test_id)) == 1
 
 
+# ---------------------------------------------------------------- who may speak VRRP
+
+
+def holders_over(balancers, address, seconds):
+    """Every distinct holder list of the address seen while polling for `seconds`."""
+    seen, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        now = holders(balancers, address)
+        if now not in seen:
+            seen.append(now)
+        time.sleep(0.1)
+    return seen
+
+
+@pytest.mark.timed  # it watches who holds the VIP for seconds: alone, not under another job's load
+def test_forged_vrrp_adverts_from_another_host_do_not_take_the_vip_but_the_peers_do(balancers, outside, inside):
+    """A host on the segment that is not a balancer advertises priority 254 for the VIP's router id:
+    the master keeps the VIP (its VRRP firewall drops the adverts, and counts them). Control: the
+    same adverts from the peer balancer's address do make the master give the VIP up."""
+    master, peer = balancers
+    address, vrid = vip(balancers, 0), master.vars["keepalived_router_ids"][0]
+    assert holders(balancers, address) == [master.name]
+    dropped = dropped_adverts(master)
+    start_forging(outside, vrid, address, seconds=3)
+    seen = holders_over(balancers, address, 4)
+    assert wait_until(lambda: outside.run("test -f /tmp/vrrp-forge.out", check=False).rc == 0, 10, 0.2)
+    forged = int(outside.run("cat /tmp/vrrp-forge.out").stdout.strip())
+    assert seen == [[master.name]], f"forged adverts moved the VIP: holders seen {seen}"
+    assert dropped_adverts(master) - dropped >= forged > 0, (forged, dropped, dropped_adverts(master))
+    report = inside.probe(address, to=[f"someone@{OUTSIDE}"], no_data=True)
+    assert code(report["banner"]) == 220, report
+    # Control: the very same adverts, sent from the peer's address, are believed.
+    start_forging(peer, vrid, address, seconds=3)
+    assert wait_until(lambda: master.name not in holders(balancers, address), 3, 0.1), \
+        f"adverts from the peer {peer.name} did not make {master.name} give up {address}"
+    assert wait_until(lambda: holders(balancers, address) == [master.name], 20, 0.2), \
+        f"{address} did not return to {master.name} after the peer's adverts stopped"
+
+
 # ---------------------------------------------------------------- active-active
 
 
@@ -462,7 +502,8 @@ BAD_INPUTS = [
     ({"keepalived_router_ids": [61, 61]}, ["keepalived_router_ids: two instances share a router id"]),
     ({"keepalived_vips": ["10.89.20.300/24", "10.89.20.201/24"]}, ["10.89.20.300/24", "keepalived_vips"]),
     ({"keepalived_priority_master": 255}, ["keepalived_priority_master"]),
-    ({"keepalived_vrrp_version": 3}, ["keepalived_auth_pass", "only with version 2"]),
+    ({"keepalived_auth_pass": "pw"}, ["keepalived_auth_pass", "only with version 2"]),
+    ({"keepalived_vrrp_version": 2}, ["keepalived_advert_int", "whole seconds unless the version is 3"]),
     ({"haproxy_stats_password": ""}, ["haproxy_stats_password must be set"]),
     ({"mail_relay_weight": 300}, ["mail_relay_weight must be a whole number from 0 to 256"]),
 ]
