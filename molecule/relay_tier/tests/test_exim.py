@@ -147,6 +147,7 @@ BAD_INPUTS = [
     ({"exim_proxy_trusted_addresses": []}, ["exim_proxy_trusted_addresses"]),
     ({"exim_tls_min_version": "TLSv1.1"}, ["exim_tls_min_version"]),
     ({"exim_queue_interval": "five minutes"}, ["exim_queue_interval"]),
+    ({"exim_dns_retry": 0}, ["exim_dns_retry"]),
     ({"exim_retry_rules": [{"pattern": "*", "error": "*", "rules": ["F,2h"]}]}, ["exim_retry_rules[0]"]),
     ({"exim_throttled_transports": [{"name": "remote_smtp", "domains": ["x.test"]}]},
      ["exim_throttled_transports[0]", "remote_smtp"]),

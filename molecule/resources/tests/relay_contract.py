@@ -22,6 +22,7 @@ __all__ = [
     "check_turning_the_proxy_listener_off",
     "test_mail_from_inside_network_is_relayed_and_delivered",
     "test_relay_refuses_mail_from_outside_networks",
+    "test_greeting_does_not_wait_on_a_resolver_that_does_not_answer",
     "test_outside_client_may_send_to_the_domains_the_relay_serves",
     "test_open_relay_tricks_from_outside_are_refused",
     "test_authenticated_outside_client_may_relay",
@@ -112,6 +113,48 @@ def test_mail_from_inside_network_is_relayed_and_delivered(relay, inside, sink):
     assert len(got) == 1, f"message {test_id} accepted by the relay but not found at the sink"
     assert got[0]["rcpt_tos"] == [f"someone@{OUTSIDE_DOMAIN}"]
     assert got[0]["peer"] == relay.ip
+
+
+# A client's view of the greeting: seconds from connect to the 220 line, and the line.
+GREETING_TIME = ("python3 -c 'import socket, sys, time; t = time.monotonic(); "
+                 "s = socket.create_connection((sys.argv[1], 25), timeout=30); line = s.recv(512).decode(); "
+                 "print(round(time.monotonic() - t, 2), line.split()[0])' {}")
+
+
+def test_greeting_does_not_wait_on_a_resolver_that_does_not_answer(relay, contract, balancer, inside, sink):
+    """The relay's resolver is pointed at an address of the test network that nobody holds: a
+    reverse lookup there hangs (the control), yet a direct client gets its greeting at once and its
+    message is relayed, and a session through the PROXY listener is answered within a second.
+    (Exim looks up the name of every address a PROXY header claims, whatever host_lookup says; the
+    role bounds that wait with exim_dns_retrans and exim_dns_retry, 1 s. Postfix does not look.)"""
+    taken = set(relay.vars["bench_ip_of"].values())
+    dead = next(a for a in (relay.ip.rsplit(".", 1)[0] + f".{n}" for n in range(253, 200, -1)) if a not in taken)
+    # Postfix's smtpd runs chrooted with its own copy of resolv.conf: replace both.
+    files = "/etc/resolv.conf /var/spool/postfix/etc/resolv.conf"
+    relay.run(f"for f in {files}; do [ -f $f ] && cp $f $f.mailstack-test; done; "
+              f"for f in {files}; do [ -f $f ] && printf 'nameserver {dead}\noptions timeout:3 attempts:1\n' > $f; done; true")
+    try:
+        lookup = relay.run("python3 -c 'import socket, sys, time; t = time.monotonic()\n"
+                           "try: socket.gethostbyaddr(sys.argv[1])\nexcept OSError: pass\n"
+                           f"print(round(time.monotonic() - t, 2))' {inside.ip}")
+        assert float(lookup.stdout) >= 2.5, f"the resolver still answers: a reverse lookup took {lookup.stdout}s"
+        seconds, reply = inside.run(GREETING_TIME.format(relay.ip)).stdout.split()
+        print(f"\nMEASURED greeting with a dead resolver: {seconds}s (a reverse lookup took {lookup.stdout.strip()}s)")
+        assert reply == "220" and float(seconds) < 1.0, (seconds, reply)
+        proxied = balancer.probe(relay.ip, port=contract.proxy_port, proxy="v2", proxy_src=inside.ip,
+                                 to=[f"someone@{OUTSIDE_DOMAIN}"], no_data=True, timeout=10)
+        print(f"MEASURED proxied session up to RCPT with a dead resolver: {proxied.get('seconds')}s")
+        assert proxied["connected"] and code(proxied["banner"]) == 220, proxied
+        assert proxied["seconds"] < 1.8, proxied
+        test_id = new_id("deaddns")
+        report = inside.probe(relay.ip, to=[f"someone@{OUTSIDE_DOMAIN}"], mail_from="app@inside.test", id=test_id,
+                              timeout=10)
+        assert relayed(report), report
+        assert len(sink.wait_for(test_id)) == 1
+    finally:
+        # Written back in place: podman bind-mounts /etc/resolv.conf, which a rename cannot replace.
+        relay.run(f"for f in {files}; do [ -f $f.mailstack-test ] && cat $f.mailstack-test > $f && "
+                  "rm $f.mailstack-test; done; true")
 
 
 def test_relay_refuses_mail_from_outside_networks(relay, outside, sink):
