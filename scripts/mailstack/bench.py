@@ -7,6 +7,7 @@ It prints figures; it is not a test and has no time limit.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -151,8 +152,19 @@ class FastSink:
             self.hosts.run(self.sink, "pkill -x smtp-sink; sleep 0.5; systemctl start mailsink")
 
 
+def vrrp_transitions(hosts: Hosts, balancers: list[str], since: float) -> dict[str, int]:
+    """VRRP transitions each balancer's notify script logged since the epoch second `since`."""
+    command = f"journalctl -q -o cat -t keepalived-notify --since @{int(since)} | grep -c ' is now ' || true"
+    return {lb: int((hosts.run(lb, command).stdout.strip() or "0").splitlines()[-1]) for lb in balancers}
+
+
 def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, rounds: int, count: int,
-          sessions: int, size: int, sender: str, recipient: str, log=print, pool: list[str] | None = None) -> dict:
+          sessions: int, size: int, sender: str, recipient: str, log=print, pool: list[str] | None = None,
+          against: str = "vip") -> dict:
+    """Send the same load to the relay direct and to `against`: "vip" (through the balancers) or
+    "stock" (a stock Debian Postfix beside the relay, see stockrelay.py), in alternating order."""
+    from mailstack.stockrelay import StockPostfix
+
     hosts = Hosts(inv)
     balancers = inv.hosts("balancers")
     relays = inv.hosts("mail_relays")
@@ -170,16 +182,22 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
     unknown = sorted(set(pool or []) - set(relays))
     if unknown:
         raise BenchError(f"--pool {', '.join(unknown)}: not in mail_relays")
-    out = [r for r in relays if pool and r not in pool]
+    out = [r for r in relays if pool and r not in pool] if against == "vip" else []
     roles = {client: "client", **{b: "balancers" for b in balancers}, **{r: "relays" for r in relays},
              **{s: "sink" for s in sinks}}
+    stock = StockPostfix(inv, relay, log) if against == "stock" else contextlib.nullcontext()
     runs: list[Run] = []
-    with FastSink(hosts, sinks[0] if sinks else None), Pool(hosts, balancers, socket, out):
+    started_at = time.time()
+    with stock, FastSink(hosts, sinks[0] if sinks else None), Pool(hosts, balancers, socket, out):
+        if against == "stock":
+            hosts.extra["stock"] = stock.container
+            roles = {client: "client", relay: "relays", "stock": "stock", **{s: "sink" for s in sinks}}
+        targets = {"direct": relay_address, "vip": vip, "stock": getattr(stock, "address", "")}
         wait_queues_empty(hosts, inv, relays)
         for number in range(1, rounds + 1):
-            order = ["direct", "vip"] if number % 2 else ["vip", "direct"]
+            order = ["direct", against] if number % 2 else [against, "direct"]
             for target in order:
-                address = relay_address if target == "direct" else vip
+                address = targets[target]
                 before = server_sessions(hosts, balancers, socket)
                 cpu_before = cpu_usage(hosts, list(roles))
                 command = (f"s=$(date +%s.%N); smtp-source -s {sessions} -l {size} -m {count} "
@@ -191,30 +209,45 @@ def bench(inv: Inventory, client: str, relay: str | None, vip: str | None, round
                 start, end = map(float, proc.stdout.split()[-2:])
                 cpu_after = cpu_usage(hosts, list(roles))
                 after = server_sessions(hosts, balancers, socket)
-                shares = {r: after[r] - before[r] for r in relays} if target == "vip" else {relay: count}
+                shares = ({r: after[r] - before[r] for r in relays} if target == "vip"
+                          else {relay if target == "direct" else "stock": count})
                 cpu = {h: round((cpu_after[h] - cpu_before[h]) / 1e9, 3) for h in roles}
                 run = Run(number, target, address, count, round(end - start, 3), shares, cpu)
                 runs.append(run)
                 log(f"round {number} {target:<6} {address:<15} {count} messages in {run.seconds:.2f}s = "
                     f"{run.rate:.0f} msg/s; CPU s: " + " ".join(f"{h} {c:.1f}" for h, c in cpu.items()))
                 wait_queues_empty(hosts, inv, relays)
+                if against == "stock":
+                    wait_stock_queue_empty(hosts)
     direct = [r.rate for r in runs if r.target == "direct"]
-    via = [r.rate for r in runs if r.target == "vip"]
-    pairs = [v.rate / d.rate for d, v in zip([r for r in runs if r.target == "direct"],
-                                             [r for r in runs if r.target == "vip"]) if d.rate]
+    other = [r.rate for r in runs if r.target == against]
+    pairs = [o.rate / d.rate for d, o in zip([r for r in runs if r.target == "direct"],
+                                             [r for r in runs if r.target == against]) if d.rate]
     sessions_total: collections.Counter = collections.Counter()
     for r in runs:
         if r.target == "vip":
             sessions_total.update(r.sessions_per_relay)
     all_vip = sum(sessions_total.values())
     return {
-        "client": client, "relay": relay, "vip": vip, "pool": [r for r in relays if r not in out], "rounds": rounds, "count": count, "sessions": sessions,
+        "client": client, "relay": relay, "against": against, "vip": vip if against == "vip" else None,
+        "pool": [r for r in relays if r not in out], "rounds": rounds, "count": count, "sessions": sessions,
         "size": size, "cpus": os.cpu_count(), "runs": [r.as_dict() for r in runs],
-        "direct_median": round(statistics.median(direct), 1), "vip_median": round(statistics.median(via), 1),
-        "ratio_of_medians": round(statistics.median(via) / statistics.median(direct), 3),
+        "direct_median": round(statistics.median(direct), 1), f"{against}_median": round(statistics.median(other), 1),
+        "ratio_of_medians": round(statistics.median(other) / statistics.median(direct), 3),
         "ratio_median_per_round": round(statistics.median(pairs), 3) if pairs else None,
         "vip_share_percent": {r: round(100.0 * n / all_vip, 1) if all_vip else 0.0
                               for r, n in sessions_total.items()},
-        "cpu": {"direct": cpu_profile(runs, roles, "direct"), "vip": cpu_profile(runs, roles, "vip")},
+        "cpu": {"direct": cpu_profile(runs, roles, "direct"), against: cpu_profile(runs, roles, against)},
+        "vrrp_transitions": vrrp_transitions(hosts, balancers, started_at),
+        "seconds": round(time.time() - started_at),
         "all_hosts_on_this_machine": all(hosts.container(h) for h in roles),
     }
+
+
+def wait_stock_queue_empty(hosts: Hosts, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while hosts.run("stock", "postqueue -j | wc -l").stdout.strip() not in ("0", ""):
+        if time.monotonic() > deadline:
+            raise BenchError(f"the stock relay's queue did not empty in {timeout:.0f}s")
+        hosts.run("stock", "postqueue -f")
+        time.sleep(1)

@@ -301,7 +301,10 @@ def drill_failover_cmd(inventory: str, vip: str | None, mode: str, rounds: int, 
 @click.option("--vip", help="The VIP of the runs through the balancers [the first VIP].")
 @click.option("--pool", multiple=True, help="Only these relays behind the VIP (repeatable); the others are "
               "drained on every balancer during the bench and put back after [all relays].")
-@click.option("--rounds", default=5, show_default=True, help="Rounds; each sends direct and through the VIP, "
+@click.option("--against", type=click.Choice(["vip", "stock"]), default="vip", show_default=True,
+              help="What the direct runs are compared with: the VIP (through the balancers), or a stock Debian "
+              "Postfix made for the bench beside the relay (lab only; --relay must be a Postfix relay).")
+@click.option("--rounds", default=5, show_default=True, help="Rounds; each sends direct and to --against, "
               "in alternating order.")
 @click.option("--count", default=5000, show_default=True, help="Messages per run.")
 @click.option("--sessions", default=20, show_default=True, help="Parallel SMTP sessions.")
@@ -309,8 +312,8 @@ def drill_failover_cmd(inventory: str, vip: str | None, mode: str, rounds: int, 
 @click.option("--sender", default="bench@app.lab.test", show_default=True, help="Envelope sender.")
 @click.option("--recipient", default="bench@example.net", show_default=True, help="Recipient.")
 @click.option("--json", "as_json", is_flag=True, help="Print every run and the summary as JSON.")
-def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, pool: tuple[str, ...], rounds: int,
-              count: int, sessions: int, size: int, sender: str, recipient: str, as_json: bool) -> None:
+def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, pool: tuple[str, ...], against: str,
+              rounds: int, count: int, sessions: int, size: int, sender: str, recipient: str, as_json: bool) -> None:
     """Throughput with Postfix's smtp-source: the same load (a) straight to one relay and (b) through a
     VIP to all relays, interleaved over several rounds; prints messages per second for each, their
     ratio, and the share of the sessions each relay got through the VIP.
@@ -326,25 +329,34 @@ def bench_cmd(inventory: str, client: str, relay: str | None, vip: str | None, p
     Example:
       mailstack bench -i inventories/lab --rounds 5 --count 5000 --sessions 20 --size 5000
       mailstack bench -i inventories/lab --pool relay1 --pool relay2     # the Postfix relays only
+      mailstack bench -i inventories/lab --against stock                 # the role's Postfix vs Debian's
     """
     from mailstack.bench import BenchError, bench
+    from mailstack.stockrelay import StockRelayError
 
     log = (lambda text: click.echo(text, err=True)) if as_json else click.echo
     try:
         report = bench(load(inventory), client, relay, vip, rounds, count, sessions, size, sender, recipient, log,
-                       list(pool))
-    except BenchError as exc:
+                       list(pool), against)
+    except (BenchError, StockRelayError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         emit_json(report)
         return
-    click.echo(f"pool behind the VIP: {', '.join(report['pool'])}")
-    click.echo(f"direct to {report['relay']}: median {report['direct_median']} msg/s; through VIP {report['vip']}: "
-               f"median {report['vip_median']} msg/s; ratio {report['ratio_of_medians']} "
-               f"(median of per-round ratios {report['ratio_median_per_round']})")
-    click.echo("share of the sessions through the VIP: "
-               + ", ".join(f"{r} {p} %" for r, p in report["vip_share_percent"].items()))
-    for target in ("direct", "vip"):
+    if against == "vip":
+        click.echo(f"pool behind the VIP: {', '.join(report['pool'])}")
+        click.echo(f"direct to {report['relay']}: median {report['direct_median']} msg/s; through VIP {report['vip']}: "
+                   f"median {report['vip_median']} msg/s; ratio {report['ratio_of_medians']} "
+                   f"(median of per-round ratios {report['ratio_median_per_round']})")
+        click.echo("share of the sessions through the VIP: "
+                   + ", ".join(f"{r} {p} %" for r, p in report["vip_share_percent"].items()))
+    else:
+        ratio = 1 / report["ratio_of_medians"] if report["ratio_of_medians"] else 0
+        click.echo(f"the role's Postfix ({report['relay']}): median {report['direct_median']} msg/s; stock Debian "
+                   f"Postfix: median {report['stock_median']} msg/s; role / stock {ratio:.3f}")
+    click.echo(f"VRRP transitions during the bench ({report['seconds']} s): "
+               + ", ".join(f"{lb} {n}" for lb, n in report["vrrp_transitions"].items()))
+    for target in ("direct", against):
         cpu = report["cpu"][target]
         if cpu:
             busy = (f"; the machine's {report['cpus']} CPUs {cpu['machine_busy_percent']} % busy"

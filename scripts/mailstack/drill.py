@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mailstack.inventory import Inventory
@@ -34,8 +35,11 @@ class Hosts:
 
     def __init__(self, inv: Inventory):
         self.inv = inv
+        self.extra: dict[str, str] = {}  # containers outside the inventory, by a name of their own
 
     def container(self, host: str) -> str | None:
+        if host in self.extra:
+            return self.extra[host]
         container = self.inv.value(host, "mailstack_lab_container", None)
         return str(container) if container else None
 
@@ -61,38 +65,49 @@ class Hosts:
 
 
 class Watcher(threading.Thread):
-    """Connects to the VIP every `every` seconds and records when a 220 greeting came back."""
+    """Opens a new connection to the VIP every `every` seconds and records when a 220 greeting came
+    back. Each attempt runs on its own (up to `timeout` long), so an attempt stuck on a dead
+    balancer does not delay the next: the gap is measured to `every`, not to the timeout."""
 
-    def __init__(self, vip: str, port: int, every: float = 0.05, timeout: float = 0.5):
+    def __init__(self, vip: str, port: int, every: float = 0.05, timeout: float = 2.0):
         super().__init__(daemon=True)
         self.vip, self.port, self.every, self.timeout = vip, port, every, timeout
         self.ok_times: list[float] = []
+        self._lock = threading.Lock()
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
         self._stop_event.set()
-        self.join(timeout=5)
+        self.join(timeout=self.timeout + 5)
+
+    def _attempt(self) -> None:
+        try:
+            with socket.create_connection((self.vip, self.port), timeout=self.timeout) as sock:
+                sock.settimeout(self.timeout)
+                if sock.recv(512).startswith(b"220"):
+                    answered = time.monotonic()
+                    with self._lock:
+                        self.ok_times.append(answered)
+                sock.sendall(b"QUIT\r\n")
+        except OSError:
+            pass
 
     def run(self) -> None:
-        while not self._stop_event.is_set():
-            started = time.monotonic()
-            try:
-                with socket.create_connection((self.vip, self.port), timeout=self.timeout) as sock:
-                    sock.settimeout(self.timeout)
-                    if sock.recv(512).startswith(b"220"):
-                        self.ok_times.append(time.monotonic())
-                    sock.sendall(b"QUIT\r\n")
-            except OSError:
-                pass
-            self._stop_event.wait(max(0.0, self.every - (time.monotonic() - started)))
+        in_flight = int(self.timeout / self.every) + 2
+        with ThreadPoolExecutor(max_workers=in_flight) as pool:
+            while not self._stop_event.is_set():
+                pool.submit(self._attempt)
+                self._stop_event.wait(self.every)
 
     def longest_gap(self, start: float, end: float) -> float:
         """The longest time without an answer between start and end."""
-        times = [start] + [t for t in self.ok_times if start < t <= end] + [end]
+        with self._lock:
+            times = [start] + sorted(t for t in self.ok_times if start < t <= end) + [end]
         return max(b - a for a, b in zip(times, times[1:]))
 
     def first_answer_after(self, t0: float) -> float | None:
-        later = [t for t in self.ok_times if t > t0]
+        with self._lock:
+            later = sorted(t for t in self.ok_times if t > t0)
         return later[0] - t0 if later else None
 
 

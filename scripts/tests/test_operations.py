@@ -64,3 +64,47 @@ def test_bench_cpu_profile_gives_milliseconds_per_message_by_kind_of_host(monkey
     assert vip["machine_busy_percent"] == 75.6
     assert bench.cpu_profile(runs, roles, "direct")["cpu_ms_per_message"]["relays"] == 1.5
     assert bench.cpu_profile([], roles, "vip") == {}
+
+
+def test_a_hung_attempt_does_not_delay_the_next_one():
+    """The watcher's resolution is its interval, not its timeout: while the server sends no
+    greeting for 0.6 s, attempts hang, yet the gap measured is about 0.6 s, not 0.6 s plus a
+    2-second timeout."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    mute_until = [0.0]
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            if time.monotonic() >= mute_until[0]:
+                conn.sendall(b"220 ok\r\n")
+                conn.close()
+            else:
+                held.append(conn)  # muted: open, no greeting, until the client gives up
+
+    threading.Thread(target=serve, daemon=True).start()
+    w = Watcher("127.0.0.1", server.getsockname()[1], every=0.05, timeout=2.0)
+    w.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    mute_until[0] = t0 + 0.6
+    time.sleep(1.2)
+    w.stop()
+    server.close()
+    gap = w.longest_gap(t0, t0 + 1.2)
+    assert 0.55 <= gap <= 0.9, gap
+
+
+def test_the_stock_relay_writes_mynetworks_as_postfix_wants_it():
+    from mailstack.stockrelay import mynetworks
+
+    assert mynetworks(["10.89.60.1/32", "2001:db8::/32"]) == "127.0.0.0/8 [::1]/128 10.89.60.1/32 [2001:db8::]/32"
