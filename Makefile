@@ -27,7 +27,7 @@ TIMED   := scripts/testbench/timed
 export CONTAINERS_CONF := $(CURDIR)/$(CACHE)/containers/containers.conf
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help setup host venv hooks images lint yamllint ansible-lint unit suite lab test clean
+.PHONY: help setup host venv tools hooks images lint yamllint ansible-lint unit suite lab test clean
 
 help:
 	@sed -n "3,11p" Makefile
@@ -48,6 +48,11 @@ $(STAMP)/venv: requirements.txt scripts/pyproject.toml
 
 venv: host $(STAMP)/venv hooks
 
+# promtool and mtail for the unit tests of the alert rules and the mail log programs, unpacked
+# from Debian's packages into .cache/tools/bin (not installed: no service starts here).
+tools: host
+	@$(TIMED) "monitoring tools" bash scripts/testbench/setup-tools.sh $(CACHE)/tools
+
 # A clear-text vault file cannot be committed by accident (scripts/githooks/pre-commit).
 hooks:
 	@if git rev-parse --git-dir >/dev/null 2>&1 && \
@@ -60,7 +65,7 @@ images: venv
 	  $(TIMED) "images $$d" $(BIN)/mailstack-testbench images --distro $$d || exit 1; \
 	done
 
-setup: host venv images
+setup: host venv tools images
 
 ## checks --------------------------------------------------------------------------------
 yamllint: venv
@@ -71,7 +76,7 @@ ansible-lint: venv
 
 lint: yamllint ansible-lint
 
-unit: venv
+unit: venv tools
 	@$(TIMED) "unit tests" $(BIN)/pytest -q scripts/tests
 
 # Every Molecule scenario and the lab proof on each release in TEST_DISTRO (the unit tests first),
