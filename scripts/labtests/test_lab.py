@@ -180,3 +180,80 @@ def test_failover_drill_moves_the_vip_and_loses_no_accepted_mail(second_up, mode
           f"delivered {report['delivered']}, lost {report['lost']}, duplicated {report['duplicated']}")
     state = json.loads(mailstack("lab", "status", "--json").stdout)
     assert state["healthy"] and all(v["on_preferred"] for v in state["vips"]), state["problems"]
+
+
+# ---------------------------------------------------------------- monitoring (issue 17)
+
+FETCH = ("python3 -c 'import sys, urllib.request\n"
+         "try:\n"
+         "    print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())\n"
+         "except OSError as e:\n"
+         "    print(\"REFUSED\", e); sys.exit(7)' ")
+
+
+def metrics(lab_exec, container: str, url: str) -> dict[str, float]:
+    """One exporter's page as {series: value}, fetched from inside a lab container."""
+    proc = lab_exec(container, FETCH + url)
+    assert proc.returncode == 0, f"{container} could not read {url}: {proc.stdout} {proc.stderr}"
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            found[series] = float(value)
+    return found
+
+
+def exporter_urls() -> dict[str, list[str]]:
+    inv = inventory()
+    urls = {}
+    for host in inv.hosts():
+        groups = inv.groups_of(host)
+        if set(groups) & {"monitoring", "mail_relays", "balancers", "redis_nodes", "rabbitmq_nodes"}:
+            address = inv.value(host, "mailstack_service_address")
+            urls[host] = [f"http://{address}:9100/metrics"] + (
+                [f"http://{address}:3903/metrics"] if "mail_relays" in groups else [])
+    return urls
+
+
+def test_every_exporter_answers_the_monitoring_host_and_no_outsider(second_up, lab_exec):
+    # The sink is on the lab network, in no allowed network: the exporters' firewall refuses it,
+    # while mon1 (group monitoring) reads every page.
+    urls = exporter_urls()
+    inv = inventory()
+    assert set(urls) == set(inv.hosts()) - set(inv.hosts("sinks")) - set(inv.hosts("apps"))
+    for host, pages in urls.items():
+        for url in pages:
+            page = metrics(lab_exec, "lab-mon1", url)
+            assert any(s.startswith(("node_cpu_seconds_total", "mailstack_mail_smtp_connections_total")) for s in page), url
+            outsider = lab_exec("lab-sink", FETCH + url)
+            assert outsider.returncode == 7 and "REFUSED" in outsider.stdout, (url, outsider.stdout[:200])
+
+
+def test_each_balancer_exports_the_vips_it_holds(second_up, lab_exec):
+    inv = inventory()
+    holders = {v["vip"]: v["holder"] for v in second_up["state"]["vips"]}
+    for lb in inv.hosts("balancers"):
+        page = metrics(lab_exec, "lab-mon1", f"http://{inv.value(lb, 'mailstack_service_address')}:9100/metrics")
+        held = {vip for vip in holders if page.get(f'mailstack_vip_held{{vip="{vip}"}}') == 1}
+        assert held == {vip for vip, holder in holders.items() if holder == lb}, (lb, page)
+
+
+def test_a_message_through_each_vip_is_counted_delivered_by_its_relay(second_up, lab_exec):
+    inv = inventory()
+
+    def delivered() -> float:
+        total = 0.0
+        for relay in inv.hosts("mail_relays"):
+            page = metrics(lab_exec, "lab-mon1", f"http://{inv.value(relay, 'mailstack_service_address')}:3903/metrics")
+            total += sum(v for s, v in page.items()
+                         if s.startswith("mailstack_mail_deliveries_total") and 'status="delivered"' in s)
+        return total
+
+    before = delivered()
+    proc = mailstack("smoke", "-i", "inventories/lab", "--json")
+    assert proc.returncode == 0, proc.stdout
+    sent = len(json.loads(proc.stdout)["results"])
+    deadline = time.monotonic() + 20
+    while delivered() - before < sent and time.monotonic() < deadline:
+        time.sleep(1)
+    assert delivered() - before == sent

@@ -288,14 +288,15 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def test_the_tier_playbooks_apply_the_roles_the_check_expects():
-    """playbooks/check.yml's group -> roles map is what relays/balancers/cache/queue.yml run."""
+    """playbooks/check.yml's group -> roles map is what relays/balancers/cache/queue/monitoring.yml run."""
     applied: dict[str, list[str]] = {}
-    for name in ("relays", "balancers", "cache", "queue"):
+    for name in ("relays", "balancers", "cache", "queue", "monitoring"):
         for play in yaml.safe_load((ROOT / "playbooks" / f"{name}.yml").read_text()):
             if "roles" in play:
-                applied[play["hosts"]] = [r["role"] for r in play["roles"]]
+                for group in play["hosts"].split(":"):
+                    applied.setdefault(group, []).extend(r["role"] for r in play["roles"])
     check_play = yaml.safe_load((ROOT / "playbooks" / "check.yml").read_text())[0]
     assert applied == check_play["vars"]["mailstack_tier_roles"]
     site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
     assert [p["ansible.builtin.import_playbook"] for p in site] == [
-        "check.yml", "relays.yml", "balancers.yml", "cache.yml", "queue.yml"]
+        "check.yml", "relays.yml", "balancers.yml", "cache.yml", "queue.yml", "monitoring.yml"]
