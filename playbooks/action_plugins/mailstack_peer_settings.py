@@ -1,0 +1,56 @@
+"""Other hosts' role settings, as their roles would see them: the inventory's value, else the
+role's default templated for that host.
+
+A role that talks to other tiers (the monitoring role scrapes every exporter, probes every relay
+and VIP) must use the ports and VIPs those tiers' roles use, not a second copy of their defaults.
+This reads them where they are defined, with the same reader as the inventory check
+(mailstack_inventory_check.View), so a host's override in the inventory is followed too.
+
+  - mailstack_peer_settings:
+      settings:                       # group -> [{role, name}]
+        balancers: [{role: haproxy, name: haproxy_stats_port}]
+    register: peers                   # peers.hosts[host][name] = value; peers.hosts[host].vips for balancers
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ansible.errors import AnsibleActionFail
+from ansible.plugins.action import ActionBase
+
+
+def _check_module():
+    path = Path(__file__).with_name("mailstack_inventory_check.py")
+    spec = importlib.util.spec_from_file_location("mailstack_inventory_check_shared", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        check = _check_module()
+        root = Path(self._task.args.get("root") or Path(task_vars["playbook_dir"]).parent)
+        view = check.View(self, task_vars, root)
+        wanted = self._task.args.get("settings") or {}
+        hosts: dict[str, dict] = {}
+        for group, settings in wanted.items():
+            for host in view.hosts(group):
+                found = hosts.setdefault(host, {"address": view.address(host)})
+                for setting in settings:
+                    try:
+                        found[setting["name"]] = view.setting(host, setting["role"], setting["name"])
+                    except check.Unknown as exc:
+                        raise AnsibleActionFail(f"{host}: cannot work out {setting['name']} of role "
+                                                f"{setting['role']}: {exc}") from None
+                if group == "balancers":
+                    found["vips"] = [v.split("/")[0] for v in check.vip_list(view, host)]
+        result["hosts"] = hosts
+        result["changed"] = False
+        return result
