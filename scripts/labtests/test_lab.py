@@ -257,3 +257,79 @@ def test_a_message_through_each_vip_is_counted_delivered_by_its_relay(second_up,
     while delivered() - before < sent and time.monotonic() < deadline:
         time.sleep(1)
     assert delivered() - before == sent
+
+
+def prometheus_state(timeout: float = 0) -> dict:
+    """`mailstack status --json`, once or until it reports healthy within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = mailstack("status", "-i", "inventories/lab", "--json")
+        state = json.loads(proc.stdout)
+        if proc.returncode == 0 or time.monotonic() >= deadline:
+            return state
+        time.sleep(2)
+
+
+def sink_messages(lab_exec) -> list[dict]:
+    return json.loads(lab_exec("lab-sink", "mailsink dump").stdout or "[]")
+
+
+def test_prometheus_scrapes_every_exporter_and_probe_and_status_is_well(second_up):
+    state = prometheus_state(timeout=90)
+    assert state["healthy"], state["problems"]
+    inv = inventory()
+    watched = set(inv.hosts()) - set(inv.hosts("sinks")) - set(inv.hosts("apps"))
+    by_job: dict[str, set] = {}
+    for t in state["targets"]:
+        by_job.setdefault(t["job"], set()).add(t["instance"])
+    assert by_job["node"] == watched
+    assert by_job["mail"] == by_job["smtp_relays"] == set(inv.hosts("mail_relays"))
+    assert by_job["haproxy"] == set(inv.hosts("balancers"))
+    assert by_job["smtp_vips"] == {v["vip"] for v in second_up["state"]["vips"]}
+    assert by_job["rabbitmq"] == by_job["rabbitmq_queues"] == set(inv.hosts("rabbitmq_nodes"))
+    assert {v["vip"]: v["holders"] for v in state["vips"]} == {
+        v["vip"]: [v["holder"]] for v in second_up["state"]["vips"]}
+
+
+@pytest.mark.timed
+def test_a_stopped_relay_fires_an_alert_mailed_through_the_vip_and_resolves(second_up, lab_exec):
+    before = len(sink_messages(lab_exec))
+    lab_exec("lab-relay2", "systemctl stop postfix")
+    started = time.monotonic()
+    try:
+        while True:
+            state = prometheus_state()
+            firing = {(a["name"], a["instance"]) for a in state["alerts"] if a["state"] == "firing"}
+            if ("MailRelayDown", "relay2") in firing:
+                break
+            assert time.monotonic() - started < 60, f"no MailRelayDown for relay2 after 60 s: {state['alerts']}"
+            time.sleep(2)
+        fired_after = time.monotonic() - started
+        # control: the relays still running are not alerted
+        assert not {i for n, i in firing if n == "MailRelayDown"} - {"relay2"}, firing
+        while not any("MailRelayDown" in (m.get("subject") or "") and "relay2" in (m.get("subject") or "")
+                      for m in sink_messages(lab_exec)[before:]):
+            assert time.monotonic() - started < 120, "the alert's mail did not reach the sink"
+            time.sleep(2)
+        mailed_after = time.monotonic() - started
+    finally:
+        lab_exec("lab-relay2", "systemctl start postfix")
+    state = prometheus_state(timeout=120)
+    assert state["healthy"], state["problems"]
+    print(f"\nMEASURED relay2 stopped: alert firing after {fired_after:.0f}s, its mail at the sink after "
+          f"{mailed_after:.0f}s; resolved {time.monotonic() - started:.0f}s after the stop")
+
+
+@pytest.mark.timed
+def test_the_vip_metric_follows_a_vip_to_the_other_balancer_and_back(second_up, lab_exec):
+    vip = next(v for v in second_up["state"]["vips"] if v["holder"] == "lb1")["vip"]
+    lab_exec("lab-lb1", "systemctl stop keepalived")
+    try:
+        deadline = time.monotonic() + 60
+        while {v["vip"]: v["holders"] for v in prometheus_state()["vips"]}.get(vip) != ["lb2"]:
+            assert time.monotonic() < deadline, "Prometheus never saw the VIP on lb2"
+            time.sleep(2)
+    finally:
+        lab_exec("lab-lb1", "systemctl start keepalived")
+    state = prometheus_state(timeout=90)
+    assert {v["vip"]: v["holders"] for v in state["vips"]}[vip] == ["lb1"], state["vips"]

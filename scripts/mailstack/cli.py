@@ -229,6 +229,31 @@ def smoke_cmd(inventory: str, sender: str | None, recipient: str | None, vips: t
 
 # ---------------------------------------------------------------- drill
 
+@main.command("status")
+@click.option("-i", "--inventory", required=True, help=INVENTORY_HELP)
+@click.option("--prometheus", help="Prometheus's URL [the first monitoring host, monitoring_prometheus_port].")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+def status_cmd(inventory: str, prometheus: str | None, as_json: bool) -> None:
+    """The state of every tier from Prometheus: targets that do not answer, alerts firing, each
+    relay's queue and last hour of deliveries, each VIP's holder. Exit 1 when something is wrong.
+
+    Example:
+      mailstack status -i inventories/staging --json
+    """
+    from mailstack.status import Prometheus, StatusError, prometheus_url, render, status
+
+    try:
+        url = prometheus or prometheus_url(load(inventory))
+        state = status(Prometheus(url))
+    except StatusError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        emit_json(state)
+    else:
+        click.echo(render(state))
+    sys.exit(0 if state["healthy"] else 1)
+
+
 @main.group("drill")
 def drill_group() -> None:
     """Drills that prove the tier survives what it is built to survive.

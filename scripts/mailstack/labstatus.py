@@ -192,6 +192,13 @@ def format_welcome(state: dict, lab: Lab) -> list[str]:
         lines.append(f"what arrived: podman exec {sink.container} mailsink dump")
     if stats:
         lines.append(f"HAProxy stats: {stats}")
+    mon = lab.in_group("monitoring")[0] if lab.in_group("monitoring") else None
+    if mon:
+        prometheus = inv.setting(mon.name, "monitoring", "monitoring_prometheus_port")
+        alertmanager = inv.setting(mon.name, "monitoring", "monitoring_alertmanager_port")
+        lines += [f"Prometheus: http://{mon.address}:{prometheus}  Alertmanager: http://{mon.address}:{alertmanager}"
+                  f"  (alerts are mailed to the sink)",
+                  "The tiers as Prometheus sees them: .venv/bin/mailstack status -i inventories/lab [--json]"]
     lines += ["Status: .venv/bin/mailstack lab status [--json]",
               "Converge after a change: make lab (keeps the containers)",
               "Tear down: .venv/bin/mailstack lab down"]

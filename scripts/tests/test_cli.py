@@ -280,7 +280,7 @@ def test_smoke_sends_through_every_vip_of_the_inventory_by_default():
 
 # ---------------------------------------------------------------- help, playbooks
 
-@pytest.mark.parametrize("command", [["check"], ["weights"], ["smoke"], ["lab", "up"], ["lab", "down"],
+@pytest.mark.parametrize("command", [["check"], ["weights"], ["smoke"], ["status"], ["lab", "up"], ["lab", "down"],
                                      ["lab", "status"]])
 def test_every_command_has_help_with_an_example(command):
     result = run(*command, "--help")
