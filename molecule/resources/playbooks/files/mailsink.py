@@ -3,6 +3,8 @@
 
 Every message it accepts is written as one JSON file (envelope, connection id, peer address,
 TLS, authenticated user, headers) so that tests can ask what arrived, from whom and how.
+Recipients whose local part starts with "defer" are answered 451 at RCPT (the relay keeps the
+message and retries), those starting with "bounce" 550 (the relay returns it to its sender).
 
   mailsink.py serve --port 25 [--cert C --key K] [--auth-file F]
   mailsink.py dump          print every recorded message as a JSON list
@@ -38,6 +40,15 @@ def serve(args: argparse.Namespace) -> None:
                 users[name] = password
 
     class Handler:
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            local = address.split("@", 1)[0].lower()
+            if local.startswith("defer"):
+                return "451 4.3.0 mailsink: try again later"
+            if local.startswith("bounce"):
+                return "550 5.1.1 mailsink: no such user"
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 OK"
+
         async def handle_DATA(self, server, session, envelope):
             if not hasattr(session, "mailsink_id"):
                 session.mailsink_id = next(connections)
