@@ -333,3 +333,89 @@ def test_the_vip_metric_follows_a_vip_to_the_other_balancer_and_back(second_up, 
         lab_exec("lab-lb1", "systemctl start keepalived")
     state = prometheus_state(timeout=90)
     assert {v["vip"]: v["holders"] for v in state["vips"]}[vip] == ["lb1"], state["vips"]
+
+
+def prometheus_counts(expr: str) -> dict[tuple, float]:
+    """An instant query through `mailstack status`'s client: {(label values...): value}."""
+    from mailstack.status import Prometheus, prometheus_url
+
+    prom = Prometheus(prometheus_url(inventory()))
+    return {tuple(sorted(m.items())): v for m, v in prom.query(expr)}
+
+
+@pytest.mark.timed
+def test_a_known_mix_through_the_vip_is_counted_exactly_per_relay_and_summed(second_up, lab_exec):
+    """N delivered, M deferred (the sink answers 451), K bounced (550), L relay attempts from
+    outside refused at RCPT: Prometheus reports those counts for each relay that took them (each
+    session's greeting names it) and in sum. A bounce makes the relay send its own notice to the
+    sender, which the sink accepts: one more accepted and delivered message per bounce."""
+    import smtplib
+
+    inv = inventory()
+    vip = next(v["vip"] for v in second_up["state"]["vips"])
+    # a relay's greeting starts with its host name, <host>.<lab domain>
+    relay_of = {f"{r}.{inv.value(r, 'mailstack_lab_domain')}": r for r in inv.hosts("mail_relays")}
+    mix = [("ok", 6), ("defer", 3), ("bounce", 3)]
+    expr = {
+        "deliveries": "sum by (instance, status) (mailstack_mail_deliveries_total)",
+        "accepted": "sum by (instance) (mailstack_mail_accepted_total)",
+        "rejects": 'sum by (instance) (mailstack_mail_smtp_rejects_total{stage="RCPT", class="5xx"})',
+    }
+
+    def snapshot():
+        return {name: prometheus_counts(e) for name, e in expr.items()}
+
+    def settled():
+        # the mail logs counted and scraped: the same figures twice, a scrape apart
+        previous = snapshot()
+        while True:
+            time.sleep(12)
+            current = snapshot()
+            if current == previous:
+                return current
+            previous = current
+
+    before = settled()
+    expected: dict[str, dict[str, int]] = {r: {"delivered": 0, "deferred": 0, "bounced": 0, "accepted": 0,
+                                              "rejects": 0} for r in inv.hosts("mail_relays")}
+    for kind, count in mix:
+        for i in range(count):
+            with smtplib.SMTP(vip, 25, timeout=30) as smtp:
+                relay = relay_of[smtp.getwelcome().decode().split()[0]]  # "relay1.lab.test ESMTP"
+                smtp.sendmail("app@app.lab.test", [f"{kind}-{i}@example.net"],
+                              f"Subject: mix {kind} {i}\r\n\r\nknown mix\r\n")
+            e = expected[relay]
+            e["accepted"] += 1
+            e[{"ok": "delivered", "defer": "deferred", "bounce": "bounced"}[kind]] += 1
+            if kind == "bounce":
+                e["accepted"] += 1  # the relay's notice to the sender ...
+                e["delivered"] += 1  # ... which the sink accepts
+    for i in range(4):
+        proc = lab_exec("lab-sink", f"smtpprobe --host {vip} --from a@outside.test --to victim-{i}@example.org "
+                                    f"--id outside-{i}")
+        report = json.loads(proc.stdout)
+        assert report["messages"][0]["rcpt"][0][0] >= 500, report
+        expected[relay_of[report["banner"][1].split()[0]]]["rejects"] += 1
+    time.sleep(5)
+    after = settled()
+    try:
+        def delta(name: str, instance: str, status: str | None = None) -> float:
+            def key(d):
+                return tuple(sorted({"instance": instance, **({"status": status} if status else {})}.items()))
+            return after[name].get(key(after), 0) - before[name].get(key(before), 0)
+
+        got = {r: {"delivered": delta("deliveries", r, "delivered"), "deferred": delta("deliveries", r, "deferred"),
+                   "bounced": delta("deliveries", r, "bounced"), "accepted": delta("accepted", r),
+                   "rejects": delta("rejects", r)} for r in expected}
+        assert got == expected
+        assert sum(g["delivered"] for g in got.values()) == 6 + 3
+        assert sum(g["deferred"] for g in got.values()) == 3
+        assert sum(g["bounced"] for g in got.values()) == 3
+        assert sum(g["rejects"] for g in got.values()) == 4
+        print(f"\nMEASURED known mix per relay: {expected}")
+    finally:
+        # the deferred messages would be retried for days: remove them
+        for relay in inv.hosts("postfix_relays"):
+            lab_exec(inv.value(relay, "mailstack_lab_container"), "postsuper -d ALL deferred")
+        for relay in inv.hosts("exim_relays"):
+            lab_exec(inv.value(relay, "mailstack_lab_container"), "exiqgrep -i | xargs -r exim -Mrm")
