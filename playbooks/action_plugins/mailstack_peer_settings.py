@@ -36,7 +36,8 @@ class ActionModule(ActionBase):
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         check = _check_module()
-        root = Path(self._task.args.get("root") or Path(task_vars["playbook_dir"]).parent)
+        # The project's root: this file is playbooks/action_plugins/ in it.
+        root = Path(self._task.args.get("root") or Path(__file__).resolve().parents[2])
         view = check.View(self, task_vars, root)
         wanted = self._task.args.get("settings") or {}
         hosts: dict[str, dict] = {}
