@@ -9,6 +9,7 @@ This reads them where they are defined, with the same reader as the inventory ch
   - mailstack_peer_settings:
       settings:                       # group -> [{role, name}]
         balancers: [{role: haproxy, name: haproxy_stats_port}]
+        redis_nodes: [{role: redis, name: redis_exporter_password, present: true}]   # true/false
     register: peers                   # peers.hosts[host][name] = value; peers.hosts[host].vips for balancers
 """
 
@@ -46,7 +47,9 @@ class ActionModule(ActionBase):
                 found = hosts.setdefault(host, {"address": view.address(host)})
                 for setting in settings:
                     try:
-                        found[setting["name"]] = view.setting(host, setting["role"], setting["name"])
+                        value = view.setting(host, setting["role"], setting["name"])
+                        # a secret's presence, not its value, for roles that only need to know
+                        found[setting["name"]] = bool(value) if setting.get("present") else value
                     except check.Unknown as exc:
                         raise AnsibleActionFail(f"{host}: cannot work out {setting['name']} of role "
                                                 f"{setting['role']}: {exc}") from None
