@@ -287,6 +287,7 @@ def test_prometheus_scrapes_every_exporter_and_probe_and_status_is_well(second_u
     assert by_job["haproxy"] == set(inv.hosts("balancers"))
     assert by_job["smtp_vips"] == {v["vip"] for v in second_up["state"]["vips"]}
     assert by_job["rabbitmq"] == by_job["rabbitmq_queues"] == set(inv.hosts("rabbitmq_nodes"))
+    assert by_job["redis"] == set(inv.hosts("redis_nodes"))
     assert {v["vip"]: v["holders"] for v in state["vips"]} == {
         v["vip"]: [v["holder"]] for v in second_up["state"]["vips"]}
 
