@@ -420,3 +420,37 @@ def test_a_known_mix_through_the_vip_is_counted_exactly_per_relay_and_summed(sec
             lab_exec(inv.value(relay, "mailstack_lab_container"), "postsuper -d ALL deferred")
         for relay in inv.hosts("exim_relays"):
             lab_exec(inv.value(relay, "mailstack_lab_container"), "exiqgrep -i | xargs -r exim -Mrm")
+
+
+@pytest.mark.timed
+def test_held_deliveries_fire_the_queue_alert_which_resolves_when_they_flow(second_up, lab_exec):
+    """The sink stops answering: mail sent through the VIP waits in the relays' queues until the
+    queue alert fires; the sink back and the queues flushed, it resolves. Control: no queue alert
+    before the sink stops."""
+    import smtplib
+
+    inv = inventory()
+    vip = next(v["vip"] for v in second_up["state"]["vips"])
+    assert not [a for a in prometheus_state()["alerts"] if a["name"] == "MailQueueLarge"]
+    lab_exec("lab-sink", "systemctl stop mailsink")
+    started = time.monotonic()
+    try:
+        for i in range(24):
+            with smtplib.SMTP(vip, 25, timeout=30) as smtp:
+                smtp.sendmail("app@app.lab.test", [f"held-{i}@example.net"], f"Subject: held {i}\r\n\r\nheld\r\n")
+        while not [a for a in prometheus_state()["alerts"] if a["name"] == "MailQueueLarge" and a["state"] == "firing"]:
+            assert time.monotonic() - started < 120, prometheus_state()["relays"]
+            time.sleep(2)
+        fired_after = time.monotonic() - started
+    finally:
+        lab_exec("lab-sink", "systemctl start mailsink")
+        time.sleep(1)
+        for relay in inv.hosts("postfix_relays"):
+            lab_exec(inv.value(relay, "mailstack_lab_container"), "postqueue -f")
+        for relay in inv.hosts("exim_relays"):
+            lab_exec(inv.value(relay, "mailstack_lab_container"), "exim -qff")
+    state = prometheus_state(timeout=120)
+    assert state["healthy"], state["problems"]
+    assert all(r["queue"] == 0 for r in state["relays"]), state["relays"]
+    print(f"\nMEASURED sink stopped: MailQueueLarge firing after {fired_after:.0f}s; resolved "
+          f"{time.monotonic() - started:.0f}s after the stop")
