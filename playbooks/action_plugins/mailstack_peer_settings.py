@@ -10,6 +10,7 @@ This reads them where they are defined, with the same reader as the inventory ch
       settings:                       # group -> [{role, name}]
         balancers: [{role: haproxy, name: haproxy_stats_port}]
         redis_nodes: [{role: redis, name: redis_exporter_password, present: true}]   # true/false
+      only: "{{ inventory_hostname }}"   # optional: this host's settings only
     register: peers                   # peers.hosts[host][name] = value; peers.hosts[host].vips for balancers
 """
 
@@ -41,9 +42,12 @@ class ActionModule(ActionBase):
         root = Path(self._task.args.get("root") or Path(__file__).resolve().parents[2])
         view = check.View(self, task_vars, root)
         wanted = self._task.args.get("settings") or {}
+        only = self._task.args.get("only")
         hosts: dict[str, dict] = {}
         for group, settings in wanted.items():
             for host in view.hosts(group):
+                if only and host != only:
+                    continue
                 found = hosts.setdefault(host, {"address": view.address(host)})
                 for setting in settings:
                     try:
