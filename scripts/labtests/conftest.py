@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from mailstack.inventory import Inventory
+
 ROOT = Path(__file__).resolve().parents[2]
 MAILSTACK = str(Path(sys.executable).parent / "mailstack")
 
@@ -50,6 +52,11 @@ def record(distro: str, name: str, value: dict | None = None) -> dict | None:
     RECORDS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(saved))
     return value
+
+
+def inventory() -> Inventory:
+    """The lab's inventory, read as the CLI reads it."""
+    return Inventory(ROOT / "inventories" / "lab")
 
 
 def mailstack(*args: str, check: bool = False, progress: bool = False, timeout: float = 1800):
