@@ -138,6 +138,13 @@ def test_prometheus_scrapes_every_exporter_and_probe_and_status_is_well(second_u
     assert by_job["redis"] == set(inv.hosts("redis_nodes"))
     assert {v["vip"]: v["holders"] for v in state["vips"]} == {
         v["vip"]: [v["holder"]] for v in second_up["state"]["vips"]}
+    # the site's own rule group (monitoring_rule_groups in the lab's inventory) is loaded and evaluated
+    from mailstack.status import Prometheus, prometheus_url
+
+    prom = Prometheus(prometheus_url(inv))
+    groups = {g["name"]: g for g in prom.get("/api/v1/rules")["groups"]}
+    assert groups["lab-site"]["rules"][0]["health"] == "ok", groups["lab-site"]
+    assert {"mailstack-relays", "mailstack-balancers", "mailstack-hosts"} <= set(groups)
 
 
 @pytest.mark.timed
@@ -330,6 +337,8 @@ BAD_INPUTS = [
     ({"monitoring_alert_bounce_ratio": 1.5}, ["monitoring_alert_bounce_ratio is 1.5", "below 1"]),
     ({"monitoring_alert_email_to": "ops at example.net"},
      ["monitoring_alert_email_to must be an email address", '"ops at example.net"']),
+    ({"monitoring_rule_groups": [{"name": "site", "rules": [{"alert": "NoExpression"}]}]},
+     ["monitoring_rule_groups: group 0 (site) rule 0"]),
 ]
 WATCHED = ("/etc/prometheus/prometheus.yml /etc/prometheus/alertmanager.yml "
            "/etc/prometheus/rules/mailstack.rules.yml /etc/default/prometheus")
