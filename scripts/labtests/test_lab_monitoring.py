@@ -1,55 +1,14 @@
-"""Monitoring (roles exporters and monitoring) proven on the lab: every exporter, Prometheus and
-Alertmanager answer the monitoring host and no outsider; the mail tier's counts are exact; alerts
-fire, are mailed through the VIP and resolve; bad input is refused before any host changes."""
+"""Monitoring (roles exporters and monitoring) proven on the lab, what it sees: every exporter,
+Prometheus and Alertmanager answer the monitoring host and no outsider; Prometheus scrapes every
+target; the mail tier's counts are exact per relay, summed and per domain class; its cost printed."""
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
 
-import pytest
-from conftest import ROOT, inventory, mailstack
-
-
-FETCH = ("python3 -c 'import sys, urllib.request\n"
-         "try:\n"
-         "    print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())\n"
-         "except OSError as e:\n"
-         "    print(\"REFUSED\", e); sys.exit(7)' ")
-
-
-def metrics(lab_exec, container: str, url: str) -> dict[str, float]:
-    """One exporter's page as {series: value}, fetched from inside a lab container."""
-    proc = lab_exec(container, FETCH + url)
-    assert proc.returncode == 0, f"{container} could not read {url}: {proc.stdout} {proc.stderr}"
-    found = {}
-    for line in proc.stdout.splitlines():
-        if line and not line.startswith("#"):
-            series, value = line.rsplit(" ", 1)
-            found[series] = float(value)
-    return found
-
-
-def listeners() -> dict[str, str]:
-    """Every HTTP listener of the monitoring path, {url: what}: each URL Prometheus scrapes (its own
-    target list: exporters, HAProxy's and RabbitMQ's built-in pages, the blackbox probes) and
-    Prometheus's and Alertmanager's own pages."""
-    from mailstack.status import Prometheus, prometheus_url
-
-    prom_url = prometheus_url(inventory())
-    # Prometheus reads its own, Alertmanager's and the probes' pages on loopback: ask for them
-    # at the monitoring host's address, where others could
-    mon = prom_url.split("//")[1].split(":")[0]
-    urls = {t["scrapeUrl"].replace("//127.0.0.1:", f"//{mon}:"): f'{t["labels"]["job"]} {t["labels"]["instance"]}'
-            for t in Prometheus(prom_url).get("/api/v1/targets", state="active")["activeTargets"]}
-    alertmanagers = Prometheus(prom_url).get("/api/v1/alertmanagers")["activeAlertmanagers"]
-    urls[f"{prom_url}/-/healthy"] = "prometheus"
-    urls.update({a["url"].replace("//127.0.0.1:", f"//{mon}:").replace("/api/v2/alerts", "/-/healthy"): "alertmanager"
-                 for a in alertmanagers})
-    return urls
-
+from conftest import inventory, mailstack
+from labprom import FETCH, listeners, metrics, prometheus_counts, prometheus_state, sink_messages
 
 def test_no_outsider_reaches_an_exporter_prometheus_or_alertmanager_and_the_monitoring_host_does(
         second_up, lab_exec):
@@ -97,31 +56,6 @@ def test_a_message_through_each_vip_is_counted_delivered_by_its_relay(second_up,
     assert delivered() - before == sent
 
 
-# The alerts that judge the mail itself over a window (30 minutes by default): the tests defer,
-# bounce and refuse mail on purpose (the sink answers 4xx and 5xx, outsiders are refused, the sink
-# is stopped), so these may fire and stay firing after them. Every other problem must clear.
-TRAFFIC_ALERTS = ("MailDeferredRatioHigh", "MailBounceRatioHigh", "MailSmtpRejectsSpiking")
-
-
-def prometheus_state(timeout: float = 0) -> dict:
-    """`mailstack status --json`, once or until nothing is wrong within timeout seconds but the
-    TRAFFIC_ALERTS; "well" says whether that was reached, "remaining" what else is wrong."""
-    deadline = time.monotonic() + timeout
-    while True:
-        proc = mailstack("status", "-i", "inventories/lab", "--json")
-        state = json.loads(proc.stdout)
-        state["remaining"] = [p for p in state["problems"]
-                              if not p.startswith(tuple(f"alert {name} " for name in TRAFFIC_ALERTS))]
-        state["well"] = not state["remaining"]
-        if state["well"] or time.monotonic() >= deadline:
-            return state
-        time.sleep(2)
-
-
-def sink_messages(lab_exec) -> list[dict]:
-    return json.loads(lab_exec("lab-sink", "mailsink dump").stdout or "[]")
-
-
 def test_prometheus_scrapes_every_exporter_and_probe_and_status_is_well(second_up):
     state = prometheus_state(timeout=90)
     assert state["well"], state["remaining"]
@@ -147,62 +81,6 @@ def test_prometheus_scrapes_every_exporter_and_probe_and_status_is_well(second_u
     assert {"mailstack-relays", "mailstack-balancers", "mailstack-hosts"} <= set(groups)
 
 
-@pytest.mark.timed
-def test_a_stopped_relay_fires_an_alert_mailed_through_the_vip_and_resolves(second_up, lab_exec):
-    before = len(sink_messages(lab_exec))
-    lab_exec("lab-relay2", "systemctl stop postfix")
-    started = time.monotonic()
-    try:
-        while True:
-            state = prometheus_state()
-            firing = {(a["name"], a["instance"]) for a in state["alerts"] if a["state"] == "firing"}
-            if ("MailRelayDown", "relay2") in firing:
-                break
-            assert time.monotonic() - started < 60, f"no MailRelayDown for relay2 after 60 s: {state['alerts']}"
-            time.sleep(2)
-        fired_after = time.monotonic() - started
-        # control: the relays still running are not alerted
-        assert not {i for n, i in firing if n == "MailRelayDown"} - {"relay2"}, firing
-        while not any("MailRelayDown" in (m.get("subject") or "") and "relay2" in (m.get("subject") or "")
-                      for m in sink_messages(lab_exec)[before:]):
-            assert time.monotonic() - started < 120, "the alert's mail did not reach the sink"
-            time.sleep(2)
-        mailed_after = time.monotonic() - started
-    finally:
-        lab_exec("lab-relay2", "systemctl start postfix")
-    state = prometheus_state(timeout=120)
-    assert state["well"], state["remaining"]
-    print(f"\nMEASURED relay2 stopped: alert firing after {fired_after:.0f}s, its mail at the sink after "
-          f"{mailed_after:.0f}s; resolved {time.monotonic() - started:.0f}s after the stop")
-
-
-def test_the_vip_metric_follows_a_killed_balancers_vip_to_the_other_and_back(second_up, lab_exec):
-    vip = next(v for v in second_up["state"]["vips"] if v["holder"] == "lb1")["vip"]
-    subprocess.run(["podman", "kill", "lab-lb1"], check=True, capture_output=True)
-    try:
-        deadline = time.monotonic() + 60
-        while {v["vip"]: v["holders"] for v in prometheus_state()["vips"]}.get(vip) != ["lb2"]:
-            assert time.monotonic() < deadline, "Prometheus never saw the VIP on lb2"
-            time.sleep(2)
-    finally:
-        subprocess.run(["podman", "start", "lab-lb1"], check=True, capture_output=True)
-    # lb1 back: it takes its VIP again once its haproxy has settled (keepalived_haproxy_settle_seconds)
-    deadline = time.monotonic() + 120
-    while (holders := {v["vip"]: v["holders"] for v in prometheus_state()["vips"]}).get(vip) != ["lb1"]:
-        assert time.monotonic() < deadline, f"Prometheus never saw the VIP back on lb1: {holders}"
-        time.sleep(2)
-    state = prometheus_state(timeout=60)
-    assert state["well"], state["remaining"]
-
-
-def prometheus_counts(expr: str) -> dict[tuple, float]:
-    """An instant query through `mailstack status`'s client: {(label values...): value}."""
-    from mailstack.status import Prometheus, prometheus_url
-
-    prom = Prometheus(prometheus_url(inventory()))
-    return {tuple(sorted(m.items())): v for m, v in prom.query(expr)}
-
-
 def test_a_known_mix_through_the_vip_is_counted_exactly_per_relay_and_summed(second_up, lab_exec):
     """N delivered, M deferred (the sink answers 451), K bounced (550), L relay attempts from
     outside refused at RCPT: Prometheus reports those counts for each relay that took them (each
@@ -219,6 +97,7 @@ def test_a_known_mix_through_the_vip_is_counted_exactly_per_relay_and_summed(sec
         "deliveries": "sum by (instance, status) (mailstack_mail_deliveries_total)",
         "accepted": "sum by (instance) (mailstack_mail_accepted_total)",
         "rejects": 'sum by (instance) (mailstack_mail_smtp_rejects_total{stage="RCPT", class="5xx"})',
+        "classes": "sum by (domain_class, status) (mailstack_mail_deliveries_total)",
     }
 
     def snapshot():
@@ -284,6 +163,19 @@ def test_a_known_mix_through_the_vip_is_counted_exactly_per_relay_and_summed(sec
                    "bounced": delta("deliveries", r, "bounced"), "accepted": delta("accepted", r),
                    "rejects": delta("rejects", r)} for r in expected}
         assert got == expected
+        # per domain class (exporters_mail_domain_classes in the lab: example.net is class "example"):
+        # the mix and the alerts went to example.net, the bounce notices to app.lab.test ("other")
+        def class_delta(c: str, s: str) -> float:
+            key = (("domain_class", c), ("status", s))
+            return after["classes"].get(key, 0) - before["classes"].get(key, 0)
+
+        classes = {(c, s): class_delta(c, s) for c in ("example", "other") for s in ("delivered", "deferred", "bounced")}
+        bounced = sum(e["bounced"] for e in expected.values())
+        assert classes == {
+            ("example", "delivered"): sum(e["delivered"] for e in expected.values()) - bounced,
+            ("example", "deferred"): sum(e["deferred"] for e in expected.values()),
+            ("example", "bounced"): bounced,
+            ("other", "delivered"): bounced, ("other", "deferred"): 0, ("other", "bounced"): 0}, classes
         for status in ("delivered", "deferred", "bounced", "rejects", "accepted"):
             assert sum(g[status] for g in got.values()) == sum(e[status] for e in expected.values()) > 0, status
         print(f"\nMEASURED known mix per relay: {expected} (with {len(others)} alert mails: "
@@ -294,84 +186,6 @@ def test_a_known_mix_through_the_vip_is_counted_exactly_per_relay_and_summed(sec
             lab_exec(inv.value(relay, "mailstack_lab_container"), "postsuper -d ALL deferred")
         for relay in inv.hosts("exim_relays"):
             lab_exec(inv.value(relay, "mailstack_lab_container"), "exiqgrep -i -r '^defer-' | xargs -r exim -Mrm")
-
-
-def test_held_deliveries_fire_the_queue_alert_which_resolves_when_they_flow(second_up, lab_exec):
-    """The sink stops answering: mail sent through the VIP waits in the relays' queues until the
-    queue alert fires; the sink back and the queues flushed, it resolves. Control: no queue alert
-    before the sink stops."""
-    import smtplib
-
-    inv = inventory()
-    vip = next(v["vip"] for v in second_up["state"]["vips"])
-    assert not [a for a in prometheus_state()["alerts"] if a["name"] == "MailQueueLarge"]
-    lab_exec("lab-sink", "systemctl stop mailsink")
-    started = time.monotonic()
-    try:
-        for i in range(24):
-            with smtplib.SMTP(vip, 25, timeout=30) as smtp:
-                smtp.sendmail("app@app.lab.test", [f"held-{i}@example.net"], f"Subject: held {i}\r\n\r\nheld\r\n")
-        while not [a for a in prometheus_state()["alerts"] if a["name"] == "MailQueueLarge" and a["state"] == "firing"]:
-            assert time.monotonic() - started < 120, prometheus_state()["relays"]
-            time.sleep(2)
-        fired_after = time.monotonic() - started
-    finally:
-        lab_exec("lab-sink", "systemctl start mailsink")
-        time.sleep(1)
-        for relay in inv.hosts("postfix_relays"):
-            lab_exec(inv.value(relay, "mailstack_lab_container"), "postqueue -f")
-        for relay in inv.hosts("exim_relays"):
-            lab_exec(inv.value(relay, "mailstack_lab_container"), "exim -qff")
-    state = prometheus_state(timeout=120)
-    assert state["well"], state["remaining"]
-    assert all(r["queue"] == 0 for r in state["relays"]), state["relays"]
-    print(f"\nMEASURED sink stopped: MailQueueLarge firing after {fired_after:.0f}s; resolved "
-          f"{time.monotonic() - started:.0f}s after the stop")
-
-
-# ---------------------------------------------------------------- bad input
-
-BAD_INPUTS = [
-    ({"monitoring_relay_group": "relays_nowhere"}, ["monitoring_relay_group", "no group relays_nowhere"]),
-    ({"monitoring_retention_time": "0"}, ["monitoring_retention_time must be a positive", '(got "0")']),
-    ({"monitoring_alert_bounce_ratio": 1.5}, ["monitoring_alert_bounce_ratio is 1.5", "below 1"]),
-    ({"monitoring_alert_email_to": "ops at example.net"},
-     ["monitoring_alert_email_to must be an email address", '"ops at example.net"']),
-    ({"monitoring_rule_groups": [{"name": "site", "rules": [{"alert": "NoExpression"}]}]},
-     ["monitoring_rule_groups: group 0 (site) rule 0"]),
-]
-WATCHED = ("/etc/prometheus/prometheus.yml /etc/prometheus/alertmanager.yml "
-           "/etc/prometheus/rules/mailstack.rules.yml /etc/default/prometheus")
-
-
-def monitoring_playbook(*args: str) -> subprocess.CompletedProcess:
-    from mailstack.lab import ansible_env
-
-    return subprocess.run([str(ROOT / ".venv" / "bin" / "ansible-playbook"), "-i", "inventories/lab",
-                           "playbooks/monitoring.yml", *args], cwd=ROOT, env=ansible_env(),
-                          capture_output=True, text=True, timeout=900)
-
-
-def test_bad_monitoring_input_fails_naming_the_variable_before_any_host_changes(second_up, lab_exec):
-    """The playbook an operator runs, each bad value alone: it fails naming the variable and what is
-    wrong, no host changes and mon1's configuration stays as it was. Control: the lab's own input
-    passes the same checks."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    before = lab_exec("lab-mon1", f"sha256sum {WATCHED}").stdout
-    with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda bad: monitoring_playbook("-e", json.dumps(bad[0])), BAD_INPUTS))
-        control = pool.submit(monitoring_playbook, "--limit", "monitoring", "--tags", "monitoring_check").result()
-    for (extra, expected), proc in zip(BAD_INPUTS, runs):
-        output = proc.stdout + proc.stderr
-        assert proc.returncode != 0, (extra, output[-2000:])
-        for text in expected:
-            assert text in output, f"{extra}: {text!r} not in the failure:\n{output[-3000:]}"
-        assert "PLAY [Exporters]" not in output, f"{extra}: a host was reached past the checks"
-        assert not re.search(r"changed=[1-9]", output), output[-2000:]
-    assert lab_exec("lab-mon1", f"sha256sum {WATCHED}").stdout == before, "mon1's configuration changed"
-    assert control.returncode == 0, control.stdout[-3000:]
-    assert "assert | Alerts go to an email address" in control.stdout, "the control did not run the role's checks"
 
 
 def test_prometheus_cost_in_the_lab_and_for_ten_relays_is_printed(second_up):
