@@ -7,20 +7,25 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import inventory, mailstack
+import yaml
+from conftest import ROOT, inventory, mailstack
 from labprom import FETCH, listeners, metrics, prometheus_counts, prometheus_state, sink_messages
 
 def test_no_outsider_reaches_an_exporter_prometheus_or_alertmanager_and_the_monitoring_host_does(
         second_up, lab_exec):
     # The sink is on the lab network, in no allowed network: the firewalls refuse it, while mon1
-    # (group monitoring) reads every page.
+    # (group monitoring) reads every page, and finds none of the lab's secrets on any.
     urls = listeners()
     ports = {u.split("/")[2].split(":")[1] for u in urls}
-    assert {"9100", "3903", "9121", "15692", "9090", "9093", "9115"} <= ports, ports
+    assert {"9100", "3903", "8404", "9121", "15692", "9090", "9093", "9115"} <= ports, ports
     assert not [u for u in urls if "//127." in u or "//localhost" in u], "a listener only on loopback is not proven"
+    vault = yaml.safe_load((ROOT / "inventories" / "lab" / "group_vars" / "all" / "vault.yml").read_text())
+    secrets = {name: str(value) for name, value in vault.items() if len(str(value)) >= 8}
+    assert "vault_redis_exporter_password" in secrets
     for url, what in urls.items():
         page = lab_exec("lab-mon1", FETCH + f"'{url}'")
         assert page.returncode == 0 and page.stdout.strip(), (what, url, page.stdout[:200])
+        assert not [name for name, value in secrets.items() if value in page.stdout], (what, url)
         outsider = lab_exec("lab-sink", FETCH + f"'{url}'")
         assert outsider.returncode == 7 and "REFUSED" in outsider.stdout, (what, url, outsider.stdout[:200])
     print(f"\nMEASURED {len(urls)} listeners on ports {sorted(ports, key=int)}: mon1 read each, the sink none")
