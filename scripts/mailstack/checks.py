@@ -228,6 +228,11 @@ class Presenter:
                 except Undefined as exc:
                     if not exc.missing.startswith(("ansible_", "hostvars")):
                         self.undefined(host, exc.missing)
+                    # templating stops at the first: a list of users may name several vault secrets
+                    for other in sorted(set(re.findall(r"\bvault_\w+", str(self.inv.raw(host, name))))
+                                        - {exc.missing}):
+                        if not self.inv.defines(host, other):
+                            self.undefined(host, other)
 
     def clear_vaults(self) -> None:
         from mailstack.vaultguard import clear_vaults

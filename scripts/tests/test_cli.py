@@ -288,9 +288,9 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def test_the_tier_playbooks_apply_the_roles_the_check_expects():
-    """playbooks/check.yml's group -> roles map is what relays/balancers/cache/queue/monitoring.yml run."""
+    """playbooks/check.yml's group -> roles map is what relays/balancers/cache/queue/workers/monitoring.yml run."""
     applied: dict[str, list[str]] = {}
-    for name in ("relays", "balancers", "cache", "queue", "monitoring"):
+    for name in ("relays", "balancers", "cache", "queue", "workers", "monitoring"):
         for play in yaml.safe_load((ROOT / "playbooks" / f"{name}.yml").read_text()):
             if "roles" in play:
                 for group in play["hosts"].split(":"):
@@ -298,4 +298,4 @@ def test_the_tier_playbooks_apply_the_roles_the_check_expects():
     assert applied == yaml.safe_load((ROOT / "playbooks" / "vars" / "tier_roles.yml").read_text())["mailstack_tier_roles"]
     site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
     assert [p["ansible.builtin.import_playbook"] for p in site] == [
-        "check.yml", "relays.yml", "balancers.yml", "cache.yml", "queue.yml", "monitoring.yml"]
+        "check.yml", "relays.yml", "balancers.yml", "cache.yml", "queue.yml", "workers.yml", "monitoring.yml"]

@@ -1,0 +1,1 @@
+"""mailstack's mail worker: jobs from RabbitMQ rendered and sent through the relays' VIP, each once."""
