@@ -52,6 +52,7 @@ venv: host $(STAMP)/venv hooks
 # from Debian's packages into .cache/tools/bin (not installed: no service starts here).
 tools: host
 	@$(TIMED) "monitoring tools" bash scripts/testbench/setup-tools.sh $(CACHE)/tools
+	@$(TIMED) "node producer" bash scripts/testbench/setup-node.sh $(CACHE)/node
 
 # A clear-text vault file cannot be committed by accident (scripts/githooks/pre-commit).
 hooks:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,6 +68,17 @@ def mailstack(*args: str, check: bool = False, progress: bool = False, timeout: 
         raise AssertionError(f"mailstack {' '.join(args)} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{(proc.stderr or '')[-3000:]}")
     return proc
+
+
+def assert_stopped_before_any_host(proc, extra: dict, expected: list[str], play: str) -> None:
+    """An operator's playbook run with one bad value failed, said each expected text, never reached
+    the tier's play and changed nothing."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, (extra, output[-2000:])
+    for text in expected:
+        assert text in output, f"{extra}: {text!r} not in the failure:\n{output[-3000:]}"
+    assert f"PLAY [{play}]" not in output, f"{extra}: a host was reached past the checks"
+    assert not re.search(r"changed=[1-9]", output), output[-2000:]
 
 
 def containers() -> dict[str, str]:

@@ -2,12 +2,13 @@
 """amqpprobe: a scriptable AMQP client for the test bench; prints one JSON report.
 
   amqpprobe --host 10.0.0.1 --user u --password p --vhost /mail check
-  amqpprobe ... publish --exchange mail.outgoing --routing-key send --count 100 --prefix job
+  amqpprobe ... publish --exchange mail.outgoing --routing-key send --count 100 --prefix job [--body TEXT]
   amqpprobe ... consume --queue mail.send --max 100 --idle 5 [--reject]
   amqpprobe ... depth --queue mail.send --queue mail.retry
 
 publish uses publisher confirms and persistent messages: a message is "confirmed" only when the
-broker said so. Bodies are "<prefix>-<n>". consume acknowledges (or rejects without requeue)
+broker said so. Bodies are "<prefix>-<n>", or --body with {id} replaced by that (a mail job, say).
+consume acknowledges (or rejects without requeue)
 each message after recording it, and stops after --max messages or --idle seconds of silence.
 """
 
@@ -41,7 +42,8 @@ def publish(args):
     report = {"confirmed": [], "failed": [], "errors": {}}
     conn = channel = None
     for n in range(args.start, args.start + args.count):
-        body = f"{args.prefix}-{n}"
+        name = f"{args.prefix}-{n}"
+        body = args.body.replace("{id}", name) if args.body else name
         for _attempt in range(args.retries + 1):
             try:
                 if channel is None or channel.is_closed:
@@ -49,9 +51,9 @@ def publish(args):
                     channel = conn.channel()
                     channel.confirm_delivery()
                 channel.basic_publish(args.exchange, args.routing_key, body.encode(),
-                                      pika.BasicProperties(delivery_mode=2, message_id=body),
+                                      pika.BasicProperties(delivery_mode=2, message_id=name),
                                       mandatory=True)
-                report["confirmed"].append(body)
+                report["confirmed"].append(name)
                 time.sleep(args.interval)
                 break
             except (AMQPError, OSError) as exc:
@@ -60,7 +62,7 @@ def publish(args):
                 channel = None
                 time.sleep(0.2)
         else:
-            report["failed"].append(body)
+            report["failed"].append(name)
     if conn and conn.is_open:
         conn.close()
     return report
@@ -80,6 +82,7 @@ def consume(args):
         last = time.monotonic()
         deaths = (props.headers or {}).get("x-death") or []
         got.append({"body": body.decode(), "redelivered": method.redelivered,
+                    "reason": (props.headers or {}).get("x-mailstack-reason"),
                     "x_death": [{"queue": d.get("queue"), "reason": d.get("reason"), "count": d.get("count")}
                                 for d in deaths]})
         if args.reject:
@@ -115,6 +118,7 @@ def main() -> int:
     pub.add_argument("--prefix", required=True)
     pub.add_argument("--retries", type=int, default=0)
     pub.add_argument("--interval", type=float, default=0, help="seconds between messages")
+    pub.add_argument("--body", default="", help="the body, with {id} for <prefix>-<n>")
     con = sub.add_parser("consume")
     con.add_argument("--queue", required=True)
     con.add_argument("--max", type=int, default=1)

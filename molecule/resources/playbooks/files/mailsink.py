@@ -25,6 +25,17 @@ from pathlib import Path
 SPOOL = Path(os.environ.get("MAILSINK_SPOOL", "/var/lib/mailsink"))
 
 
+def rcpt_refusal(address: str) -> str | None:
+    """The sink's answer at RCPT by the recipient's local part: 451 for defer*, 550 for bounce*,
+    None (accepted) for anything else. The unit tests' stand-in relay answers the same way."""
+    local = address.split("@", 1)[0].lower()
+    if local.startswith("defer"):
+        return "451 4.3.0 mailsink: try again later"
+    if local.startswith("bounce"):
+        return "550 5.1.1 mailsink: no such user"
+    return None
+
+
 def serve(args: argparse.Namespace) -> None:
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -41,11 +52,9 @@ def serve(args: argparse.Namespace) -> None:
 
     class Handler:
         async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-            local = address.split("@", 1)[0].lower()
-            if local.startswith("defer"):
-                return "451 4.3.0 mailsink: try again later"
-            if local.startswith("bounce"):
-                return "550 5.1.1 mailsink: no such user"
+            refusal = rcpt_refusal(address)
+            if refusal:
+                return refusal
             envelope.rcpt_tos.append(address)
             return "250 2.1.5 OK"
 
