@@ -5,7 +5,7 @@ failing hook means the relay never gets it), and that one connection carries man
 from __future__ import annotations
 
 import pytest
-from worker_support import Relay
+from worker_support import Relay, rcpt_refusal
 
 from mailstack_worker.sender import SmtpSession, SmtpSettings
 
@@ -56,6 +56,16 @@ def test_replies_at_rcpt_decide_retry_or_refusal_and_name_the_refused_recipients
         assert out.result == result, out
         assert sorted(out.refused_recipients) == refused
         assert [m[1] for m in relay.messages] == ([delivered_to] if delivered_to else [])
+
+
+def test_a_timed_deferral_is_451_for_its_seconds_then_the_recipient_is_taken():
+    assert rcpt_refusal("defer30s-1@example.net", now=1000.0).startswith("451")
+    assert rcpt_refusal("DEFER30s-1@example.net", now=1029.0).startswith("451"), "one address, any case"
+    assert rcpt_refusal("defer30s-1@example.net", now=1030.0) is None
+    # control: another address has its own clock, and the untimed rules still hold
+    assert rcpt_refusal("defer30s-2@example.net", now=1030.0).startswith("451")
+    assert rcpt_refusal("defer-3@example.net", now=5000.0).startswith("451")
+    assert rcpt_refusal("bounce-3@example.net").startswith("550")
 
 
 @pytest.mark.parametrize("reply, result", [("451 4.3.0 later", "retry"), ("554 5.7.1 content refused", "refused")])

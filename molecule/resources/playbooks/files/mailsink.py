@@ -4,7 +4,9 @@
 Every message it accepts is written as one JSON file (envelope, connection id, peer address,
 TLS, authenticated user, headers) so that tests can ask what arrived, from whom and how.
 Recipients whose local part starts with "defer" are answered 451 at RCPT (the relay keeps the
-message and retries), those starting with "bounce" 550 (the relay returns it to its sender).
+message and retries), those starting with "bounce" 550 (the relay returns it to its sender); a
+local part starting with "defer<N>s" (defer30s-...) is answered 451 for N seconds from the first
+time that address is seen, then accepted.
 
   mailsink.py serve --port 25 [--cert C --key K] [--auth-file F]
   mailsink.py dump          print every recorded message as a JSON list
@@ -17,6 +19,7 @@ import email
 import itertools
 import json
 import os
+import re
 import ssl
 import sys
 import time
@@ -25,10 +28,20 @@ from pathlib import Path
 SPOOL = Path(os.environ.get("MAILSINK_SPOOL", "/var/lib/mailsink"))
 
 
-def rcpt_refusal(address: str) -> str | None:
-    """The sink's answer at RCPT by the recipient's local part: 451 for defer*, 550 for bounce*,
-    None (accepted) for anything else. The unit tests' stand-in relay answers the same way."""
+TIMED_DEFERRAL = re.compile(r"defer([0-9]+)s")
+_first_seen: dict[str, float] = {}
+
+
+def rcpt_refusal(address: str, now: float | None = None) -> str | None:
+    """The sink's answer at RCPT by the recipient's local part: 451 for defer<N>s* during the N
+    seconds after the address was first seen, 451 for any other defer*, 550 for bounce*, None
+    (accepted) for anything else. The unit tests' stand-in relay answers the same way."""
     local = address.split("@", 1)[0].lower()
+    timed = TIMED_DEFERRAL.match(local)
+    if timed:
+        now = time.monotonic() if now is None else now
+        first = _first_seen.setdefault(address.lower(), now)
+        return "451 4.3.0 mailsink: try again later" if now - first < int(timed.group(1)) else None
     if local.startswith("defer"):
         return "451 4.3.0 mailsink: try again later"
     if local.startswith("bounce"):
