@@ -101,6 +101,16 @@ def depth(args):
     return {"messages": counts}
 
 
+def declare(args):
+    """Declare a durable queue as an application would: no arguments, or x-queue-type when --type."""
+    conn = connect(args)
+    channel = conn.channel()
+    arguments = {"x-queue-type": args.type} if args.type else None
+    channel.queue_declare(args.queue, durable=True, arguments=arguments)
+    conn.close()
+    return {"declared": args.queue}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--host", required=True)
@@ -124,11 +134,15 @@ def main() -> int:
     con.add_argument("--max", type=int, default=1)
     con.add_argument("--idle", type=float, default=5)
     con.add_argument("--reject", action="store_true")
+    dec = sub.add_parser("declare")
+    dec.add_argument("--queue", required=True)
+    dec.add_argument("--type", choices=["classic", "quorum"])
     dep = sub.add_parser("depth")
     dep.add_argument("--queue", action="append", required=True)
     args = p.parse_args()
     try:
-        report = {"check": check, "publish": publish, "consume": consume, "depth": depth}[args.command](args)
+        report = {"check": check, "publish": publish, "consume": consume, "declare": declare,
+                  "depth": depth}[args.command](args)
     except (AMQPError, OSError) as exc:
         report = {"error": f"{type(exc).__name__}: {exc!r}"}
     json.dump(report, sys.stdout)
