@@ -23,3 +23,11 @@ def node():
 def nodes():
     """The cluster (test_rabbitmq_cluster.py)."""
     return [Node(h, role="rabbitmq") for h in group("rabbitmq_cluster")]
+
+
+@pytest.fixture(scope="session")
+def worker_host():
+    """The client also runs the mail worker (consuming from the cluster) and the sink it sends to."""
+    from benchlib import Sink
+
+    return Sink(group("mail_workers")[0], role="mail_worker")

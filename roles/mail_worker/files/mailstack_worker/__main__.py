@@ -61,7 +61,9 @@ def main(argv=None) -> int:
         TemplateStore(config.templates_directory, redis_client(config.redis)).forget(args.id, args.version)
         return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(threadName)s %(levelname)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)   # its INFO is every socket it opens
+    # pika's INFO is every socket it opens, and a node that refuses a connection is an ERROR with a
+    # traceback there; the worker logs each connection problem once, naming the node
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     from .worker import run_forever
 
     run_forever(config, redis_client(config.redis))

@@ -64,7 +64,7 @@ class Worker:
             try:
                 connection = pika.BlockingConnection(params)
             except pika.exceptions.AMQPError as exc:
-                log.warning("AMQP %s: %s; trying the next node", params.host, exc)
+                log.warning("AMQP %s: %r; trying the next node", params.host, exc)
                 self.stopping.wait(min(5.0, 0.5 * n) if n % len(urls) == 0 else 0.2)
                 continue
             try:
@@ -81,7 +81,7 @@ class Worker:
                 channel.cancel()    # the prefetched jobs go back to the queue
                 connection.close()
             except pika.exceptions.AMQPError as exc:
-                log.warning("AMQP %s: %s; reconnecting", params.host, exc)
+                log.warning("AMQP %s: %r; reconnecting", params.host, exc)
                 _close(connection)
         session.close()
 
