@@ -107,3 +107,18 @@ def test_a_kept_connection_the_relay_closed_or_left_idle_is_replaced_without_a_r
         smtp._last_used -= 2          # unused longer than idle_seconds: closed and opened again
         assert smtp.send("app@app.example", ["cid@example.net"], DATA, lambda: None).result == "sent"
         assert (len(relay.messages), relay.connections) == (3, 3)
+
+
+def test_a_connection_is_closed_between_jobs_once_idle_and_renewed_once_old():
+    with Relay() as relay:
+        smtp = session(relay, idle_seconds=30, max_age_seconds=60)
+        assert smtp.send("app@app.example", ["ann@example.net"], DATA, lambda: None).result == "sent"
+        smtp.close_if_idle()           # control: fresh, so it stays open
+        assert smtp._smtp is not None
+        smtp._last_used -= 31          # no job for longer than idle_seconds: closed without waiting for one
+        smtp.close_if_idle()
+        assert smtp._smtp is None
+        assert smtp.send("app@app.example", ["bob@example.net"], DATA, lambda: None).result == "sent"
+        smtp._opened -= 61             # busy, but open longer than max_age_seconds: the next job renews it
+        assert smtp.send("app@app.example", ["cid@example.net"], DATA, lambda: None).result == "sent"
+        assert (len(relay.messages), relay.connections) == (3, 3)

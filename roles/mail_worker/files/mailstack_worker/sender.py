@@ -42,7 +42,8 @@ class SmtpSettings:
     password: str = ""
     timeout: float = 30.0
     messages_per_connection: int = 100
-    idle_seconds: float = 30.0       # a connection unused this long is closed before the next message
+    idle_seconds: float = 30.0       # a connection unused this long is closed
+    max_age_seconds: float = 60.0    # a connection open this long is renewed before the next message
 
 
 class SmtpSession:
@@ -53,6 +54,7 @@ class SmtpSession:
         self._smtp: smtplib.SMTP | None = None
         self._sent_on_connection = 0
         self._last_used = 0.0
+        self._opened = 0.0
 
     def close(self) -> None:
         if self._smtp is not None:
@@ -90,8 +92,21 @@ class SmtpSession:
             smtp.close()
             raise
         self._sent_on_connection = 0
-        self._last_used = time.monotonic()
+        self._last_used = self._opened = time.monotonic()
         return smtp
+
+    def _worn(self) -> bool:
+        """Used enough: its message count, its age or its idle time is up. A connection is not kept
+        for ever, so that a relay drained on the balancers sees the worker's sessions leave."""
+        now = time.monotonic()
+        return (self._sent_on_connection >= self.settings.messages_per_connection
+                or now - self._opened > self.settings.max_age_seconds
+                or now - self._last_used > self.settings.idle_seconds)
+
+    def close_if_idle(self) -> None:
+        """Between jobs: close the connection once it has been unused idle_seconds or open max_age_seconds."""
+        if self._smtp is not None and self._worn():
+            self.close()
 
     def send(self, sender: str, recipients, data: bytes, before_commit) -> Outcome:
         """One transaction. before_commit() runs once every recipient is known and the body is
@@ -99,8 +114,7 @@ class SmtpSession:
         (the relay discards the message) and the exception propagates."""
         recipients = list(recipients)
         try:
-            if self._smtp is not None and (self._sent_on_connection >= self.settings.messages_per_connection
-                                           or time.monotonic() - self._last_used > self.settings.idle_seconds):
+            if self._smtp is not None and self._worn():
                 self.close()
             if self._smtp is not None and not self._still_open():
                 self._drop()     # the relay closed a kept connection: a new one, not a retry

@@ -76,6 +76,8 @@ class Worker:
                 for method, properties, body in channel.consume(self.config.amqp.queue, inactivity_timeout=1):
                     if method is not None:
                         self.guarded(channel, method, properties, body, session)
+                    else:
+                        session.close_if_idle()   # no job this second
                     if self.stopping.is_set():
                         break
                 channel.cancel()    # the prefetched jobs go back to the queue
