@@ -47,10 +47,11 @@ def listeners() -> dict[str, str]:
     return urls
 
 
-# The alerts that judge the mail itself over a window (30 minutes by default): the tests defer,
-# bounce and refuse mail on purpose (the sink answers 4xx and 5xx, outsiders are refused, the sink
-# is stopped), so these may fire and stay firing after them. Every other problem must clear.
-TRAFFIC_ALERTS = ("MailDeferredRatioHigh", "MailBounceRatioHigh", "MailSmtpRejectsSpiking")
+# The alerts that judge the mail itself over a window (30 minutes by default; dead jobs 10 minutes):
+# the tests defer, bounce and refuse mail on purpose (the sink answers 4xx and 5xx, outsiders are
+# refused, the sink is stopped, malformed and refused jobs go to the dead queue), so these may fire
+# and stay firing after them. Every other problem must clear.
+TRAFFIC_ALERTS = ("MailDeferredRatioHigh", "MailBounceRatioHigh", "MailSmtpRejectsSpiking", "MailJobsDead")
 
 
 def prometheus_state(timeout: float = 0) -> dict:

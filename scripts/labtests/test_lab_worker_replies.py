@@ -9,6 +9,7 @@ import json
 import time
 
 from conftest import inventory
+from labprom import prometheus_state
 from labworker import dead_jobs, job_body, publish, total, wait_delivered, worker_figures
 
 from mailstack.traffic import sink_counts
@@ -90,3 +91,9 @@ def test_a_recipient_refused_is_dead_lettered_suppressed_and_not_sent_again(seco
         "mail to the refused recipient reached the sink"
     later_dead = [d for d in dead_jobs(lab_exec) if prefix + "b-1" in d["body"]]
     assert not later_dead, f"the later job was sent and refused again: {later_dead[0]['reason']}"
+    # and the operators hear of the dead job: Prometheus's MailJobsDead fires, naming the reason
+    deadline = time.monotonic() + 60
+    while not any(a["name"] == "MailJobsDead" and a["state"] == "firing" and "(refused)" in a["summary"]
+                  for a in prometheus_state()["alerts"]):
+        assert time.monotonic() < deadline, "MailJobsDead did not fire for the refused job within 60 s"
+        time.sleep(2)
