@@ -6,6 +6,8 @@ set -euo pipefail
 PACKAGES=(
   podman runc debootstrap uidmap slirp4netns fuse-overlayfs netavark aardvark-dns iptables
   python3 python3-venv python3-pip git make swaks openssh-client
+  # the unit tests run Lua scripts (the worker's ledger, the relay policy) on a Redis of their own
+  redis-server
 )
 
 die() { echo "setup-host: $*" >&2; exit 1; }

@@ -108,9 +108,10 @@ class SmtpSession:
         if self._smtp is not None and self._worn():
             self.close()
 
-    def send(self, sender: str, recipients, data: bytes, before_commit) -> Outcome:
-        """One transaction. before_commit() runs once every recipient is known and the body is
-        written, just before the final "."; if it raises, the connection is dropped without the "."
+    def send(self, sender: str, recipients, data: bytes, commit) -> Outcome:
+        """One transaction. commit(hand_over) runs once every recipient is known and the body is
+        written, and calls hand_over() to write the final "." (the ledger writes its commit and the
+        "." back to back); if it raises before hand_over(), the connection is dropped without the "."
         (the relay discards the message) and the exception propagates."""
         recipients = list(recipients)
         try:
@@ -157,9 +158,15 @@ class SmtpSession:
                 self._rset()
                 return _by_code(code, _reply(code, reply), (), refused)
             smtp.send(_dot_stuffed(data))
-            before_commit()
-            handed_over = True
-            smtp.send(b".\r\n")
+
+            def hand_over() -> None:
+                nonlocal handed_over
+                handed_over = True
+                smtp.send(b".\r\n")
+
+            commit(hand_over)
+            if not handed_over:
+                raise RuntimeError("the commit did not hand the message over")
             code, reply = smtp.getreply()
             self._sent_on_connection += 1
             self._last_used = time.monotonic()

@@ -151,7 +151,7 @@ class Worker:
                 return
             with self.metrics.send_seconds.time():
                 outcome = session.send(job.sender, recipients, data,
-                                       lambda: self.ledger.commit(job.idempotency_key, token))
+                                       lambda hand_over: self.ledger.commit(job.idempotency_key, token, hand_over))
         except Lost:
             self.metrics.duplicates.inc()
             log.info("%s: another worker took the job over; not sent here", job.idempotency_key)
