@@ -84,6 +84,24 @@ def wait_delivered(prefix: str, want: set[str], timeout: float = 300) -> collect
         time.sleep(2)
 
 
+def wait_settled(lab_exec, prefix: str, want: set[str], timeout: float = 300) -> tuple[collections.Counter, dict]:
+    """(the sink's count per test id of this prefix, {id: reason} of the wanted jobs the workers put in
+    the dead queue), once every wanted id is in one or the other (or the timeout). Takes the dead queue."""
+    deadline = time.monotonic() + timeout
+    dead: dict[str, str] = {}
+    while True:
+        for job in dead_jobs(lab_exec):   # waits its --idle seconds when the queue is empty
+            try:
+                key = json.loads(job["body"]).get("idempotency_key")
+            except (ValueError, AttributeError):
+                continue
+            if key in want:
+                dead[key] = job["reason"]
+        counts = sink_counts("lab-sink", prefix)
+        if want <= set(counts) | set(dead) or time.monotonic() > deadline:
+            return counts, dead
+
+
 def broker_depth(lab_exec) -> int:
     """Jobs in the send queue, ready or being handled, as the broker counts them."""
     b = broker()

@@ -3,16 +3,17 @@ mail (suppression). Key names are defined here only; the relay policy reads the 
 
 Idempotency: a job's key moves through
     (none) -> claimed:<token> -> committing:<token> -> sent:<token>
-claim() before anything is sent; commit() as the message's final "." goes to the relay (from there
-the relay may have it: a redelivery sends nothing); sent() after its 250. A redelivered job (its
-first worker died) finds claimed:<other> and takes the claim over: the broker redelivers only when
-the first consumer's channel is gone, and a first worker that is still alive loses its commit() and
-gives way. release() after a definite refusal lets a retry claim again.
+claim() before anything is sent; commit() as the message's final "." goes to the relay; sent() after
+its 250. A redelivered job (its first worker died) finds claimed:<other> and takes the claim over: the
+broker redelivers only when the first consumer's channel is gone, and a first worker that is still
+alive loses its commit() and gives way. release() after a definite refusal lets a retry claim again.
 
-The one moment a killed worker can still lose a job is between the commit reaching Redis and the
-"." reaching the relay: commit() writes both back to back and only then waits for Redis's answer,
-so that moment is two writes, not a round trip to Redis (a worker SIGKILLed there lost a job in the
-lab proof, 1 of 1,500).
+A redelivered job that finds committing:<other> met the one moment no ledger can settle: its worker
+died between writing the commit and the relay's answer, so the "." may or may not have reached the
+relay (commit() writes both back to back, but a worker descheduled or waiting for the GIL between the
+two writes and then SIGKILLed has written only the first; the lab proof met it about once in 1,500
+jobs). The worker neither sends it again nor drops it: it goes to the dead queue as "outcome unknown"
+with its Message-ID, like a connection lost after the ".".
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY = "mail:idem:{key}"
+COMMITTING = "committing:"                   # the state whose outcome nobody knows
 SUPPRESSED_KEY = "mail:suppressed:{entry}"   # entry: an address (lower case) or @domain
 
 CLAIM = """

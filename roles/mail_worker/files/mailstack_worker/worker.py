@@ -19,7 +19,7 @@ import redis.exceptions
 from . import message
 from .config import Config
 from .job import InvalidJob, parse
-from .ledger import Ledger, Lost
+from .ledger import COMMITTING, Ledger, Lost
 from .metrics import Metrics
 from .sender import SmtpSession
 from .templates import TemplateError, TemplateStore
@@ -136,6 +136,15 @@ class Worker:
                 channel.basic_ack(method.delivery_tag)
                 return
             state = self.ledger.claim(job.idempotency_key, token)
+            if state is not None and state.startswith(COMMITTING):
+                # its worker stopped while it handed the message over: before the "." (the relay
+                # discarded it) or after (the relay has it). Nothing here can tell which, so the job is
+                # neither sent again nor dropped: it goes where an operator sees it, with its Message-ID
+                self._dead(channel, method, properties, body, "unknown",
+                           f"outcome unknown, {state[len(COMMITTING):].rsplit(':', 1)[0]} stopped while it handed "
+                           f"the message over ({message.message_id(job, self.config.message_id_domain)}); "
+                           f"the relay may have it", attempt)
+                return
             if state is not None:
                 self.metrics.duplicates.inc()
                 log.info("%s: not sent again (%s)", job.idempotency_key, state.split(":", 1)[0])
